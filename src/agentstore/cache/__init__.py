@@ -1,0 +1,1 @@
+"""Redis-side caching machinery: the cross-process invalidation bus."""

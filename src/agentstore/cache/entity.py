@@ -1,0 +1,237 @@
+"""Read-through caching of one entity kind: L1, then L2, then PostgreSQL, never stale after a write.
+
+Reads: L1 (only while the invalidation bus is subscribed) → L2 (while Redis is available) → a
+single-flight load from PostgreSQL, whose result fills both tiers only if nothing newer is known.
+Writes (after commit): L2 is replaced by the new version (or a tombstone) and the invalidation is
+published in the same Redis round trip; this process's L1 takes the new bytes directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+
+from agentstore import metrics
+from agentstore.cache.bus import InvalidationBus, Subscriber
+from agentstore.cache.l1 import L1Cache
+from agentstore.cache.l2 import L2Cache
+from agentstore.cache.outage import RedisCircuit
+
+log = logging.getLogger(__name__)
+
+# (version, wire bytes) of one row, or None when there is no such row.
+Loaded = tuple[int, bytes] | None
+Key = tuple[uuid.UUID, uuid.UUID]  # (tenant, id)
+
+
+class EntityCache:
+    def __init__(
+        self,
+        kind: str,
+        l1: L1Cache,
+        l2: L2Cache,
+        bus: InvalidationBus,
+        circuit: RedisCircuit,
+        key_prefix: str,
+    ) -> None:
+        self.kind = kind
+        self._l1 = l1
+        self._l2 = l2
+        self._bus = bus
+        self._circuit = circuit
+        self._prefix = f"{key_prefix}c:{kind}:"
+        self._inflight: dict[Key, asyncio.Future[Loaded]] = {}
+        # L2 keys whose post-commit write failed: until they are deleted, this process skips L2.
+        self._unflushed: set[str] = set()
+        # Test hook: awaited between a database read and the cache fill (forces the stale-set race).
+        self.before_fill: Callable[[Key], Awaitable[None]] | None = None
+        bus.subscribe(kind, Subscriber(on_message=self._on_invalidation, on_resync=l1.clear))
+        circuit.on_recovery.append(self._flush_unflushed)
+        self._hits_l1 = metrics.CACHE_HITS.labels(kind, "l1")
+        self._hits_l2 = metrics.CACHE_HITS.labels(kind, "l2")
+        self._misses_l1 = metrics.CACHE_MISSES.labels(kind, "l1")
+        self._misses_l2 = metrics.CACHE_MISSES.labels(kind, "l2")
+
+    def l2_key(self, key: Key) -> str:
+        return f"{self._prefix}{key[0]}:{key[1]}"
+
+    def _l1_usable(self) -> bool:
+        # No drain here: a writer returns only after this process acknowledged its invalidation,
+        # which the bus applies as soon as the event loop sees it.
+        return self._l1.enabled and self._bus.connected
+
+    def _l2_usable(self) -> bool:
+        return self._l2.enabled and self._circuit.available and not self._unflushed
+
+    async def get(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> bytes | None:
+        """The entity's wire bytes, or None when it does not exist."""
+        if self._l1_usable():
+            payload = self._l1.get(key)
+            if payload is not None:
+                self._hits_l1.inc()
+                return payload
+            self._misses_l1.inc()
+        loaded = await self._load_once(key, load)
+        return loaded[1] if loaded is not None else None
+
+    async def _load_once(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> Loaded:
+        """Single-flight over L2 and PostgreSQL: concurrent L1 misses of one key share one lookup.
+
+        The flight ends only after the fill, so a caller arriving later finds the entry in L1 or
+        L2 and never repeats the query.
+        """
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Loaded] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            loaded = await self._from_l2(key)
+            if loaded is None:
+                loaded = await load()
+                if loaded is not None:
+                    await self._fill(key, loaded[0], loaded[1])
+            future.set_result(loaded)
+            return loaded
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: followers re-raise it, nobody else must log it
+            raise
+        finally:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+
+    async def _from_l2(self, key: Key) -> tuple[int, bytes] | None:
+        if not self._l2_usable():
+            return None
+        try:
+            entry = await self._l2.get(self.l2_key(key))
+        except Exception as exc:
+            self._circuit.failed(exc)
+            return None
+        if entry is None or entry.payload is None:
+            self._misses_l2.inc()
+            return None
+        self._hits_l2.inc()
+        if self._l1_usable():
+            self._l1.put_if_newer(key, entry.version, entry.payload)
+        return entry.version, entry.payload
+
+    async def _fill(self, key: Key, version: int, payload: bytes) -> None:
+        if self.before_fill is not None:
+            await self.before_fill(key)
+        if self._l2_usable():
+            try:
+                applied, _ = await self._l2.set_if_newer(self.l2_key(key), version, payload)
+            except Exception as exc:
+                self._circuit.failed(exc)
+            else:
+                if not applied:
+                    metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l2").inc()
+                    # L2 knows something newer: do not trust our copy for L1 either.
+                    return
+        if self._l1_usable() and not self._l1.put_if_newer(key, version, payload):
+            metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l1").inc()
+
+    async def get_many(
+        self, keys: Sequence[Key], load_many: Callable[[list[Key]], Awaitable[dict[Key, tuple[int, bytes]]]]
+    ) -> dict[Key, bytes]:
+        """Wire bytes of the keys that exist; one MGET and one query for everything L1 lacks."""
+        found: dict[Key, bytes] = {}
+        missing: list[Key] = []
+        l1 = self._l1_usable()
+        for key in keys:
+            payload = self._l1.get(key) if l1 else None
+            if payload is not None:
+                self._hits_l1.inc()
+                found[key] = payload
+            else:
+                if l1:
+                    self._misses_l1.inc()
+                missing.append(key)
+        if missing and self._l2_usable():
+            try:
+                entries = await self._l2.get_many([self.l2_key(k) for k in missing])
+            except Exception as exc:
+                self._circuit.failed(exc)
+            else:
+                still: list[Key] = []
+                for key, entry in zip(missing, entries, strict=True):
+                    if entry is not None and entry.payload is not None:
+                        self._hits_l2.inc()
+                        found[key] = entry.payload
+                        if l1:
+                            self._l1.put_if_newer(key, entry.version, entry.payload)
+                    else:
+                        self._misses_l2.inc()
+                        still.append(key)
+                missing = still
+        if missing:
+            loaded = await load_many(missing)
+            for key, (version, payload) in loaded.items():
+                found[key] = payload
+                await self._fill(key, version, payload)
+        return found
+
+    async def written(self, key: Key, version: int, payload: bytes | None) -> None:
+        """After commit: the entity is now at `version` (payload None: deleted at version - 1)."""
+        # A flight that started before the commit may carry the old row: later readers must not join it.
+        self._inflight.pop(key, None)
+        if payload is not None and self._l1.enabled:
+            self._l1.put_if_newer(key, version, payload)
+        else:
+            self._l1.invalidate(key, version)
+        l2_key = self.l2_key(key)
+        if not self._circuit.available:
+            self._unflushed.add(l2_key)
+            return
+        if not self._l2.enabled:
+            if not await self._bus.publish(self.kind, f"{key[0]}:{key[1]}:{version}"):
+                self._circuit.failed(ConnectionError("invalidation not published"))
+            return
+        sequence, message = self._bus.envelope(self.kind, f"{key[0]}:{key[1]}:{version}")
+        try:
+            _, receivers = await self._l2.set_if_newer(
+                l2_key, version, payload, channel=self._bus.channel, message=message
+            )
+        except Exception as exc:
+            self._bus.forget(sequence)
+            self._unflushed.add(l2_key)
+            self._circuit.failed(exc)
+            return
+        metrics.CACHE_INVALIDATIONS_SENT.inc()
+        # Read-your-writes in every process: return only once they all dropped the old version.
+        await self._bus.acknowledged(sequence, receivers)
+
+    async def forget(self, key: Key) -> None:
+        """Drop a key from this process's L1 and from L2 (a cold read follows)."""
+        self._l1.drop(key)
+        await self._l2.delete([self.l2_key(key)])
+
+    async def peek(self, key: Key) -> tuple[int | None, int | None]:
+        """Versions cached for a key in (L1, L2); None where a tier holds no payload for it."""
+        l1_entry = self._l1.entry(key)
+        l2_entry = await self._l2.get(self.l2_key(key))
+        return (
+            l1_entry.version if l1_entry is not None and l1_entry.payload is not None else None,
+            l2_entry.version if l2_entry is not None and l2_entry.payload is not None else None,
+        )
+
+    def _on_invalidation(self, key: str) -> None:
+        tenant, _, rest = key.partition(":")
+        entity, _, version = rest.partition(":")
+        try:
+            key = (uuid.UUID(tenant), uuid.UUID(entity))
+            self._l1.invalidate(key, int(version))
+            self._inflight.pop(key, None)
+        except ValueError:
+            log.warning("malformed invalidation ignored", extra={"kind": self.kind})
+
+    async def _flush_unflushed(self) -> None:
+        """Before L2 is trusted again, delete what may have missed a post-commit write."""
+        if self._unflushed:
+            keys = list(self._unflushed)
+            await self._l2.delete(keys)
+            self._unflushed.difference_update(keys)

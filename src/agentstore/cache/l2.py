@@ -1,0 +1,82 @@
+"""L2: Redis, shared by every server process. Values are `<version>:<wire bytes>`, or
+`<version>!` for a deleted entity (a tombstone), written only if newer than what is there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio as aioredis
+
+# Set-if-newer and, in the same round trip, the cross-process invalidation message.
+_SET_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+local applied = 0
+if current then
+  local v = tonumber(string.match(current, '^(%d+)'))
+  if v == nil or v < tonumber(ARGV[1]) then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    applied = 1
+  end
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  applied = 1
+end
+local receivers = 0
+if ARGV[4] ~= '' then
+  receivers = redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
+return {applied, receivers}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class L2Entry:
+    version: int
+    payload: bytes | None  # None: the entity was deleted
+
+
+def encode(version: int, payload: bytes | None) -> bytes:
+    return f"{version}!".encode() if payload is None else f"{version}:".encode() + payload
+
+
+def decode(raw: bytes) -> L2Entry | None:
+    for i, byte in enumerate(raw[:21]):
+        if byte == 0x3A:  # ':'
+            return L2Entry(int(raw[:i]), raw[i + 1 :])
+        if byte == 0x21:  # '!'
+            return L2Entry(int(raw[:i]), None)
+    return None
+
+
+class L2Cache:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: float) -> None:
+        self._client = client
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self._set_if_newer = client.register_script(_SET_IF_NEWER)
+
+    @property
+    def enabled(self) -> bool:
+        return self._ttl_ms > 0
+
+    async def get(self, key: str) -> L2Entry | None:
+        raw = await self._client.get(key)
+        return decode(cast(bytes, raw)) if raw is not None else None
+
+    async def get_many(self, keys: list[str]) -> list[L2Entry | None]:
+        raws = await self._client.mget(keys)
+        return [decode(cast(bytes, raw)) if raw is not None else None for raw in raws]
+
+    async def set_if_newer(
+        self, key: str, version: int, payload: bytes | None, *, channel: str = "", message: str = ""
+    ) -> tuple[bool, int]:
+        """Whether the value was written, and how many subscribers got `message` (if any)."""
+        ttl = self._ttl_ms if self._ttl_ms > 0 else 1
+        applied, receivers = await self._set_if_newer(
+            keys=[key], args=[version, encode(version, payload), ttl, channel, message]
+        )
+        return bool(applied), int(receivers)
+
+    async def delete(self, keys: list[str]) -> None:
+        if keys:
+            await self._client.delete(*keys)
