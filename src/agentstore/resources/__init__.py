@@ -1,0 +1,1 @@
+"""One module per resource: its SQL constants, row → proto conversion and servicer."""

@@ -1,0 +1,200 @@
+"""What every resource module shares: ids, etags, timestamps, JSON, audit rows, idempotent creates."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from agentstore.context import Principal, current_request
+from agentstore.db import Database, Record
+from agentstore.errors import invalid_argument, invalid_field
+from agentstore.query import PageTokenCodec
+from agentstore.query.listing import ListSpec, plan_list
+
+MAX_BATCH_IDS = 1000
+MAX_STRUCT_BYTES = 64 * 1024
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def repeated_message_bytes(field_number: int, payloads: Iterable[bytes]) -> bytes:
+    """Wire bytes of a message whose only field is `repeated <Message> = field_number`, built from
+    already-serialized elements (cached bytes are answered without decoding and re-encoding)."""
+    tag = _varint((field_number << 3) | 2)
+    return b"".join(tag + _varint(len(p)) + p for p in payloads)
+
+
+def parse_id(value: str, field: str = "id") -> uuid.UUID:
+    """A client-supplied UUID, or INVALID_ARGUMENT (INVALID_ID) naming the field."""
+    try:
+        if len(value) > 64:
+            raise ValueError
+        return uuid.UUID(value)
+    except ValueError:
+        raise invalid_argument("INVALID_ID", f"{field} must be a UUID", [(field, "must be a UUID")]) from None
+
+
+def etag_of(version: int) -> str:
+    return f'"{version}"'
+
+
+def etag_matches(etag: str, version: int) -> bool:
+    """An empty etag means unconditional; anything else must equal the stored version's."""
+    return not etag or etag == etag_of(version)
+
+
+def to_timestamp(value: datetime | None, target: timestamp_pb2.Timestamp) -> None:
+    if value is not None:
+        target.FromDatetime(value)
+
+
+def from_timestamp(ts: timestamp_pb2.Timestamp, field: str) -> datetime:
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise invalid_field(field, "timestamp out of range") from None
+
+
+def check_text(value: str, field: str, *, max_len: int, required: bool = False) -> None:
+    if required and not value:
+        raise invalid_field(field, "is required")
+    if len(value) > max_len:
+        raise invalid_field(field, f"must be at most {max_len} characters")
+    if "\x00" in value:
+        raise invalid_field(field, "must not contain NUL characters")
+
+
+def struct_to_json(value: struct_pb2.Struct, field: str) -> str:
+    """Struct → JSON text for a jsonb column, rejecting what PostgreSQL would refuse."""
+    try:
+        text = json.dumps(json_format.MessageToDict(value), allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        raise invalid_field(field, "numbers must be finite") from None
+    if len(text) > MAX_STRUCT_BYTES:
+        raise invalid_field(field, f"must be at most {MAX_STRUCT_BYTES} bytes as JSON")
+    if "\\u0000" in text:
+        raise invalid_field(field, "must not contain NUL characters")
+    return text
+
+
+def json_to_struct(text: str | None, target: struct_pb2.Struct) -> None:
+    if text:
+        target.update(json.loads(text))
+
+
+def message_json(message: Message) -> str:
+    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), separators=(",", ":"))
+
+
+async def fetch_page(
+    db: Database,
+    codec: PageTokenCodec,
+    spec: ListSpec,
+    tenant_id: uuid.UUID | None,
+    *,
+    page_size: int,
+    page_token: str,
+    filter: str = "",
+    order_by: str = "",
+    platform_scope: bool = False,
+) -> tuple[Sequence[Record], str]:
+    """One page of a List RPC and the next page token; the spec's $1 (if any) is the tenant."""
+    plan = plan_list(spec, codec, page_size=page_size, page_token=page_token, filter=filter, order_by=order_by)
+    base = (tenant_id,) if spec.base_params else ()
+    rows = await db.run(
+        lambda con: con.fetch(plan.sql, *base, *plan.params), tenant_id, readonly=True, platform_scope=platform_scope
+    )
+    return plan.page(rows, codec)
+
+
+INSERT_AUDIT = """
+INSERT INTO audit_logs (tenant_id, actor, actor_key_id, action, entity_type, entity_id, before, after, request_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9)
+"""
+
+
+async def write_audit(
+    con: asyncpg.Connection,
+    principal: Principal,
+    tenant_id: uuid.UUID,
+    action: str,
+    entity_type: str,
+    entity_id: uuid.UUID | str,
+    before: Message | None,
+    after: Message | None,
+) -> None:
+    """One audit row, in the caller's transaction, so it commits or vanishes with the change."""
+    ctx = current_request()
+    await con.execute(
+        INSERT_AUDIT,
+        tenant_id,
+        principal.actor,
+        principal.key_id,
+        action,
+        entity_type,
+        str(entity_id),
+        message_json(before) if before is not None else None,
+        message_json(after) if after is not None else None,
+        ctx.request_id if ctx is not None else "",
+    )
+
+
+CLAIM_REQUEST_ID = """
+INSERT INTO create_requests (tenant_id, request_id, resource_type, resource_id)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (tenant_id, request_id) DO NOTHING
+RETURNING resource_id
+"""
+
+GET_REQUEST_ID = """
+SELECT resource_type, resource_id FROM create_requests WHERE tenant_id = $1 AND request_id = $2
+"""
+
+
+def parse_request_id(value: str) -> uuid.UUID | None:
+    if not value:
+        return None
+    return parse_id(value, "request_id")
+
+
+async def claim_request_id(
+    con: asyncpg.Connection,
+    tenant_id: uuid.UUID,
+    request_id: uuid.UUID | None,
+    resource_type: str,
+    new_id: uuid.UUID,
+) -> uuid.UUID | None:
+    """AIP-155: None when this create goes ahead, else the id the first create with it made.
+
+    A concurrent twin waits on the primary key until the first commits, then finds its row.
+    """
+    if request_id is None:
+        return None
+    claimed = await con.fetchval(CLAIM_REQUEST_ID, tenant_id, request_id, resource_type, new_id)
+    if claimed is not None:
+        return None
+    row = await con.fetchrow(GET_REQUEST_ID, tenant_id, request_id)
+    if row["resource_type"] != resource_type:
+        raise invalid_argument(
+            "REQUEST_ID_REUSED",
+            f"request_id was already used to create a {row['resource_type']}",
+            [("request_id", "already used for another kind of resource")],
+        )
+    existing: uuid.UUID = row["resource_id"]
+    return existing
