@@ -1,0 +1,96 @@
+"""The benchmark harness end to end, for a second per run: it works, it does not measure anything.
+
+No timing assertions: only that the run completes, writes its JSON (and chart), measures every
+runnable scenario without errors and reports the scenarios whose RPCs do not exist as skipped.
+Without h2load on the machine the fixed-request scenario falls back to the Python generator, so
+the first test passes either way; the second forces that fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentstore.benchmark import main
+from tests.conftest import Servers
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(servers: Servers, out: Path, *args: str) -> dict[str, Any]:
+    argv = [
+        "--duration", "1",
+        "--warmup", "0.2",
+        "--agents", "500",
+        "--connections", "2",
+        "--streams", "2",
+        "--client-processes", "2",
+        "--noise-retries", "0",
+        "--database-url", servers.admin_url,
+        "--redis-url", servers.redis_url,
+        "--output-dir", str(out),
+        *args,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    stamped = [p for p in out.glob("*.json") if p.name != "latest.json"]
+    assert len(stamped) == 1, list(out.iterdir())
+    doc: dict[str, Any] = json.loads(stamped[0].read_text())
+    assert json.loads((out / "latest.json").read_text()) == doc
+    return doc
+
+
+def check_measured(row: dict[str, Any]) -> None:
+    assert row["status"] == "ok", row
+    assert row["rpc_per_s"] > 0, row
+    assert row["errors"] == 0, row
+    assert row["p50_ms"] is not None and row["p99_ms"] is not None, row
+    assert row["server_cpu_percent"] is not None and row["server_peak_rss_mib"] > 0, row
+
+
+def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(
+        servers, tmp_path, "--scenario", "get_uncached", "--scenario", "create", "--scenario", "claim_complete"
+    )
+    rows = {row["name"]: row for row in doc["scenarios"]}
+    assert list(rows) == ["get_uncached", "create", "claim_complete"]
+    check_measured(rows["get_uncached"])
+    check_measured(rows["create"])
+    expected = "h2load" if shutil.which("h2load") else "python"
+    assert doc["generator"]["fixed_requests"] == expected
+    assert rows["get_uncached"]["generator"] == expected
+    assert rows["create"]["generator"] == "python"
+    assert rows["get_uncached"]["measurement"]["extra"]["verified"].startswith("GetAgent returned agent")
+
+    skipped = rows["claim_complete"]
+    assert skipped["status"] == "skipped"
+    assert skipped["rpc_per_s"] is None
+    assert any("not exist" in note or "no workload" in note for note in skipped["notes"])
+
+    # The references ran through the same generators, and the ratios point at them.
+    refs = {ref["id"]: ref for ref in doc["references"]}
+    assert rows["get_uncached"]["echo_reference"] in refs
+    assert rows["get_uncached"]["naive_reference"] in refs
+    assert rows["create"]["echo_reference"] in refs
+    for ref in refs.values():
+        assert ref["status"] == "ok", ref
+        assert ref["measurement"]["errors"] == 0, ref
+        assert ref["measurement"]["rpc_per_s"] > 0, ref
+    assert rows["get_uncached"]["ratio_vs_echo"] > 0
+    assert rows["get_uncached"]["ratio_vs_naive"] > 0
+
+    assert "get_uncached" in doc["table"] and "SKIPPED" in doc["table"]
+    assert (tmp_path / "latest.png").stat().st_size > 0
+    assert not doc["problems"]
+
+
+def test_bench_python_generator_fallback(servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(servers, tmp_path, "--scenario", "get_uncached", "--generator", "python", "--no-references")
+    assert doc["generator"]["fixed_requests"] == "python"
+    [row] = doc["scenarios"]
+    check_measured(row)
+    assert row["generator"] == "python"
+    assert row["ratio_vs_echo"] is None

@@ -1,0 +1,361 @@
+"""The two-tier read cache against real Redis and PostgreSQL: never stale after a write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
+from agentstore.embedded import EmbeddedRedis, free_port
+from agentstore.server import App, start_server
+from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
+from tests.conftest import ScratchDatabase, Servers
+from tests.integration import conftest as itc
+from tests.integration.helpers import Metadata, create_agent, expect_error, unique
+
+NO_CACHE = (("cache-control", "no-cache"),)
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def version_of(agent: agent_pb2.Agent) -> int:
+    return int(agent.etag.strip('"'))
+
+
+async def rename(stub: agent_service_pb2_grpc.AgentServiceStub, md: Metadata, agent_id: str) -> agent_pb2.Agent:
+    request = agent_service_pb2.UpdateAgentRequest(
+        agent=agent_pb2.Agent(id=agent_id, role=unique("role")),
+        update_mask=field_mask_pb2.FieldMask(paths=["role"]),
+    )
+    return await stub.UpdateAgent(request, metadata=md)
+
+
+async def get(stub: agent_service_pb2_grpc.AgentServiceStub, md: Metadata, agent_id: str) -> agent_pb2.Agent:
+    return await stub.GetAgent(agent_service_pb2.GetAgentRequest(id=agent_id), metadata=md)
+
+
+# --- cache hits, tenancy, opt-out, single-flight (in-process server) -----------------------------
+
+
+async def test_get_after_write_is_served_from_l1(agents_stub, app: App, tenant) -> None:
+    created = await create_agent(agents_stub, tenant.md())
+    hits_before = counter("agentstore_cache_hits_total", kind="agent", tier="l1")
+    got = await get(agents_stub, tenant.md("reader"), created.id)
+    assert got == created
+    assert counter("agentstore_cache_hits_total", kind="agent", tier="l1") == hits_before + 1
+    key = (uuid.UUID(tenant.tenant.id), uuid.UUID(created.id))
+    assert await app.caches["agent"].peek(key) == (1, 1)
+
+
+async def test_l2_hit_when_l1_lacks_the_key(agents_stub, app: App, tenant) -> None:
+    created = await create_agent(agents_stub, tenant.md())
+    key = (uuid.UUID(tenant.tenant.id), uuid.UUID(created.id))
+    app.caches["agent"]._l1.drop(key)
+    l2_hits = counter("agentstore_cache_hits_total", kind="agent", tier="l2")
+    assert await get(agents_stub, tenant.md(), created.id) == created
+    assert counter("agentstore_cache_hits_total", kind="agent", tier="l2") == l2_hits + 1
+
+
+async def test_cached_entry_is_invisible_to_another_tenant(agents_stub, new_tenant) -> None:
+    a, b = await new_tenant("cache-a"), await new_tenant("cache-b")
+    created = await create_agent(agents_stub, a.md())
+    await get(agents_stub, a.md(), created.id)  # cached for A in both tiers
+    await expect_error(get(agents_stub, b.md(), created.id), grpc.StatusCode.NOT_FOUND, "AGENT_NOT_FOUND")
+    await expect_error(
+        agents_stub.BatchGetAgents(agent_service_pb2.BatchGetAgentsRequest(ids=[created.id]), metadata=b.md()),
+        grpc.StatusCode.NOT_FOUND,
+        "AGENT_NOT_FOUND",
+    )
+
+
+async def test_no_cache_metadata_reads_postgresql(agents_stub, tenant) -> None:
+    created = await create_agent(agents_stub, tenant.md())
+    loads = counter("agentstore_db_loads_total", kind="agent")
+    for _ in range(3):
+        assert await get(agents_stub, tenant.md() + NO_CACHE, created.id) == created
+    assert counter("agentstore_db_loads_total", kind="agent") == loads + 3
+
+
+async def test_single_flight_one_query_for_100_concurrent_cold_gets(agents_stub, app: App, tenant) -> None:
+    created = await create_agent(agents_stub, tenant.md())
+    await get(agents_stub, tenant.md(), created.id)  # warm the key cache of the principal
+    await app.caches["agent"].forget((uuid.UUID(tenant.tenant.id), uuid.UUID(created.id)))
+    loads = counter("agentstore_db_loads_total", kind="agent")
+    results = await asyncio.gather(*(get(agents_stub, tenant.md(), created.id) for _ in range(100)))
+    assert all(r == created for r in results)
+    assert counter("agentstore_db_loads_total", kind="agent") == loads + 1
+
+
+async def test_batch_get_mixes_tiers_and_keeps_request_order(agents_stub, app: App, tenant) -> None:
+    agents = [await create_agent(agents_stub, tenant.md()) for _ in range(4)]
+    cache = app.caches["agent"]
+    tenant_id = uuid.UUID(tenant.tenant.id)
+    cache._l1.drop((tenant_id, uuid.UUID(agents[1].id)))  # L2 only
+    await cache.forget((tenant_id, uuid.UUID(agents[2].id)))  # nowhere: PostgreSQL
+    order = [agents[2].id, agents[0].id, agents[3].id, agents[1].id, agents[0].id]
+    response = await agents_stub.BatchGetAgents(
+        agent_service_pb2.BatchGetAgentsRequest(ids=order), metadata=tenant.md()
+    )
+    assert [a.id for a in response.agents] == order
+    by_id = {a.id: a for a in agents}
+    assert list(response.agents) == [by_id[i] for i in order]
+
+
+# --- the stale-set race, forced ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def second_app(servers: Servers, database: ScratchDatabase, redis_prefix: str) -> AsyncIterator[App]:
+    other = await start_server(itc.server_settings(redis_prefix), database.app_url, servers.redis_url)
+    yield other
+    await other.stop(0)
+
+
+async def _wait_subscribed(*apps: App) -> None:
+    for _ in range(200):
+        if all(a.bus.connected for a in apps):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("invalidation bus did not subscribe")
+
+
+@pytest.mark.parametrize("l2_enabled", [True, False], ids=["l1+l2", "l1-only"])
+async def test_stale_set_race_leaves_no_stale_entry(
+    servers: Servers, database: ScratchDatabase, redis_prefix: str, new_tenant, l2_enabled: bool
+) -> None:
+    """Reader on B reads v1 from PostgreSQL, then waits; A commits v2; then B fills its caches."""
+    settings = itc.server_settings(redis_prefix, cache_l2_ttl_seconds=600 if l2_enabled else 0)
+    writer = await start_server(settings, database.app_url, servers.redis_url)
+    reader = await start_server(settings, database.app_url, servers.redis_url)
+    try:
+        await _wait_subscribed(writer, reader)
+        tenant = await new_tenant("race")
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{writer.port}") as wch,
+            grpc.aio.insecure_channel(f"127.0.0.1:{reader.port}") as rch,
+        ):
+            wstub, rstub = agent_service_pb2_grpc.AgentServiceStub(wch), agent_service_pb2_grpc.AgentServiceStub(rch)
+            created = await create_agent(wstub, tenant.md())
+            key = (uuid.UUID(tenant.tenant.id), uuid.UUID(created.id))
+            await reader.caches["agent"].forget(key)
+            await get(rstub, tenant.md(), created.id)  # warm the reader's principal cache
+            await reader.caches["agent"].forget(key)
+
+            read_done, release = asyncio.Event(), asyncio.Event()
+
+            async def hold(_: object) -> None:
+                read_done.set()
+                await release.wait()
+
+            reader.caches["agent"].before_fill = hold
+            stale_get = asyncio.create_task(get(rstub, tenant.md(), created.id))
+            await asyncio.wait_for(read_done.wait(), 5)
+            updated = await rename(wstub, tenant.md(), created.id)
+            # Let the invalidation reach the reader before its fill goes ahead.
+            for _ in range(200):
+                reader.bus.drain()
+                entry = reader.caches["agent"]._l1.entry(key)
+                if entry is not None and entry.version >= version_of(updated):
+                    break
+                await asyncio.sleep(0.01)
+            release.set()
+            assert version_of(await stale_get) == 1  # it read before the commit: fine to answer v1
+            reader.caches["agent"].before_fill = None
+
+            l1_version, l2_version = await reader.caches["agent"].peek(key)
+            assert l1_version in (None, version_of(updated))
+            assert l2_version in ((version_of(updated),) if l2_enabled else (None,))
+            assert await get(rstub, tenant.md(), created.id) == updated
+            assert await get(wstub, tenant.md(), created.id) == updated
+            assert (await reader.caches["agent"].peek(key))[0] in (None, version_of(updated))
+    finally:
+        await writer.stop(0)
+        await reader.stop(0)
+
+
+# --- two server processes: read-your-writes across processes -------------------------------------
+
+
+def _serve(database: ScratchDatabase, redis_url: str, prefix: str, port: int, **env: str) -> subprocess.Popen[bytes]:
+    environ = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AGENTSTORE_")},
+        "AGENTSTORE_DATABASE_URL": database.app_url,
+        "AGENTSTORE_REDIS_URL": redis_url,
+        "AGENTSTORE_REDIS_KEY_PREFIX": prefix,
+        "AGENTSTORE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "AGENTSTORE_ACCESS_LOG": "false",
+        "AGENTSTORE_LOG_LEVEL": "WARNING",
+        "AGENTSTORE_HEALTH_PROBE_INTERVAL_SECONDS": "0.2",
+        **env,
+    }
+    agentstore = Path(sys.executable).parent / "agentstore"
+    return subprocess.Popen([str(agentstore), "serve"], env=environ, stderr=subprocess.PIPE)
+
+
+async def _wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("server did not become SERVING")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def two_servers(
+    servers: Servers, database: ScratchDatabase, redis_prefix: str
+) -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
+    ports = (free_port(), free_port())
+    procs = [_serve(database, servers.redis_url, redis_prefix, port) for port in ports]
+    try:
+        yield list(zip(ports, procs, strict=True))
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+async def test_update_via_a_then_get_via_b_is_never_stale(
+    two_servers: list[tuple[int, subprocess.Popen[bytes]]], new_tenant
+) -> None:
+    for port, proc in two_servers:
+        await _wait_serving(port, proc)
+    (port_a, _), (port_b, _) = two_servers
+    tenant = await new_tenant("ryw")
+    rng = random.Random(20261121)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port_a}") as ach,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as bch,
+    ):
+        a, b = agent_service_pb2_grpc.AgentServiceStub(ach), agent_service_pb2_grpc.AgentServiceStub(bch)
+        agents = [await create_agent(a, tenant.md()) for _ in range(10)]
+        stale = 0
+        for _ in range(1000):
+            target = rng.choice(agents)
+            if rng.random() < 0.8:
+                await get(b, tenant.md(), target.id)  # B's L1 now likely holds the current version
+            if rng.random() < 0.3:
+                await get(a, tenant.md(), target.id)
+            updated = await rename(a, tenant.md(), target.id)
+            seen = await get(b, tenant.md(), target.id)
+            if version_of(seen) < version_of(updated):
+                stale += 1
+        assert stale == 0, f"{stale} stale reads"
+
+
+# --- Redis killed mid-load, then restarted -------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), append_only=False)
+    server.start()
+    yield server
+    server.stop(force=True)
+
+
+async def test_redis_killed_mid_load_then_restarted(
+    own_redis: EmbeddedRedis, database: ScratchDatabase, redis_prefix: str, new_tenant
+) -> None:
+    app = await start_server(itc.server_settings(redis_prefix), database.app_url, own_redis.url)
+    try:
+        await _wait_subscribed(app)
+        tenant = await new_tenant("outage")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            stub = agent_service_pb2_grpc.AgentServiceStub(ch)
+            agents = [await create_agent(stub, tenant.md()) for _ in range(20)]
+            latest = {a.id: version_of(a) for a in agents}
+            failures: list[str] = []
+            stale: list[str] = []
+            rng = random.Random(7)
+
+            async def load(rounds: int) -> None:
+                for _ in range(rounds):
+                    target = rng.choice(agents).id
+                    try:
+                        if rng.random() < 0.2:
+                            updated = await rename(stub, tenant.md(), target)
+                            latest[target] = max(latest[target], version_of(updated))
+                        else:
+                            floor = latest[target]
+                            seen = await get(stub, tenant.md(), target)
+                            if version_of(seen) < floor:
+                                stale.append(target)
+                    except grpc.aio.AioRpcError as exc:
+                        failures.append(exc.code().name)
+
+            await asyncio.gather(*(load(100) for _ in range(4)))
+            own_redis.stop(force=True)  # SIGTERM to a server with no persistence: its data is gone
+            await asyncio.gather(*(load(100) for _ in range(4)))
+            assert not app.circuit.available or not app.bus.connected
+            own_redis.start()
+            for _ in range(300):
+                if app.circuit.available and app.bus.connected:
+                    break
+                await asyncio.sleep(0.02)
+            assert app.circuit.available and app.bus.connected
+            hits = counter("agentstore_cache_hits_total", kind="agent", tier="l1") + counter(
+                "agentstore_cache_hits_total", kind="agent", tier="l2"
+            )
+            await asyncio.gather(*(load(100) for _ in range(4)))
+            hits_after = counter("agentstore_cache_hits_total", kind="agent", tier="l1") + counter(
+                "agentstore_cache_hits_total", kind="agent", tier="l2"
+            )
+            assert failures == []
+            assert stale == []
+            assert hits_after - hits > 100  # most of the 320 Gets after recovery hit a cache tier again
+            for agent_id, version in latest.items():
+                assert version_of(await get(stub, tenant.md(), agent_id)) == version
+    finally:
+        await app.stop(0)
+    assert counter("agentstore_redis_outages_total") >= 1
+
+
+async def test_l2_keys_carry_prefix_and_tenant(agents_stub, servers: Servers, redis_prefix: str, tenant) -> None:
+    created = await create_agent(agents_stub, tenant.md())
+    client = redis.Redis.from_url(servers.redis_url)
+    try:
+        keys = [k.decode() for k in client.scan_iter(match=f"*{created.id}*", count=1000)]
+    finally:
+        client.close()
+    assert keys == [f"{redis_prefix}c:agent:{tenant.tenant.id}:{created.id}"]
+
+
+async def test_concurrent_uncached_gets_of_one_tenant_are_coalesced(agents_stub, tenant) -> None:
+    agents = [await create_agent(agents_stub, tenant.md()) for _ in range(40)]
+    loads = counter("agentstore_db_loads_total", kind="agent")
+    results = await asyncio.gather(*(get(agents_stub, tenant.md() + NO_CACHE, a.id) for a in agents))
+    assert results == agents
+    # Forty point reads arrive within a few event-loop turns and share far fewer queries.
+    assert counter("agentstore_db_loads_total", kind="agent") - loads < len(agents)
