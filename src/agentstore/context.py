@@ -28,10 +28,12 @@ class Principal:
     role: Role
     # TenantService calls authenticated with the platform admin token.
     platform_admin: bool = False
+    # The server's own background jobs (e.g. the lease sweeper), audited as actor "system".
+    system: bool = False
 
     @property
     def actor(self) -> str:
-        return "platform_admin" if self.platform_admin else "api_key"
+        return "system" if self.system else "platform_admin" if self.platform_admin else "api_key"
 
 
 @dataclass(slots=True)
@@ -42,6 +44,8 @@ class RequestContext:
     principal: Principal | None = None
     # `cache-control: no-cache` request metadata: read from PostgreSQL, skip both cache tiers.
     no_cache: bool = False
+    # The RPC's short name (e.g. "CompleteTask"): labels the database statements it runs.
+    method: str = ""
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

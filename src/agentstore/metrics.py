@@ -28,6 +28,11 @@ CACHE_STALE_SETS_REJECTED = Counter(
 CACHE_INVALIDATIONS_SENT = Counter("agentstore_cache_invalidations_sent_total", "Invalidations published")
 CACHE_INVALIDATIONS_RECEIVED = Counter("agentstore_cache_invalidations_received_total", "Invalidations received")
 REDIS_OUTAGES = Counter("agentstore_redis_outages_total", "Redis outages seen (circuit opened)")
+DB_STATEMENTS = Counter(
+    "agentstore_db_statements_total",
+    "Statements sent to PostgreSQL (transaction control included), by RPC; background jobs count as ''",
+    ["method"],
+)
 DB_LOADS = Counter("agentstore_db_loads_total", "Entity reads that went to PostgreSQL, by entity kind", ["kind"])
 CACHE_ACK_TIMEOUTS = Counter(
     "agentstore_cache_ack_timeouts_total", "Writes that returned before every process acknowledged the invalidation"

@@ -148,6 +148,15 @@ class InvalidationBus:
         metrics.CACHE_INVALIDATIONS_SENT.inc()
         return await self.acknowledged(sequence, int(receivers))
 
+    async def notify(self, kind: str, key: str) -> bool:
+        """Publish without waiting for acknowledgements (a hint, e.g. "a task is ready")."""
+        try:
+            await self._publisher.publish(self._channel, f"{self.process_id} - {kind}:{key}")
+        except Exception as exc:
+            log.warning("notification not published", extra={"kind": kind, "error": type(exc).__name__})
+            return False
+        return True
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="invalidation-bus")
 

@@ -223,9 +223,9 @@ class EntityCache:
         tenant, _, rest = key.partition(":")
         entity, _, version = rest.partition(":")
         try:
-            key = (uuid.UUID(tenant), uuid.UUID(entity))
-            self._l1.invalidate(key, int(version))
-            self._inflight.pop(key, None)
+            parsed = (uuid.UUID(tenant), uuid.UUID(entity))
+            self._l1.invalidate(parsed, int(version))
+            self._inflight.pop(parsed, None)
         except ValueError:
             log.warning("malformed invalidation ignored", extra={"kind": self.kind})
 

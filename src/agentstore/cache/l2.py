@@ -8,18 +8,19 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-# Set-if-newer and, in the same round trip, the cross-process invalidation message.
+# Set-if-newer and, in the same round trip, the cross-process invalidation message. ARGV[6] is
+# the expiry option: PX (ARGV[3] milliseconds from now) or PXAT (ARGV[3] is a Unix time in ms).
 _SET_IF_NEWER = """
 local current = redis.call('GET', KEYS[1])
 local applied = 0
 if current then
   local v = tonumber(string.match(current, '^(%d+)'))
   if v == nil or v < tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    redis.call('SET', KEYS[1], ARGV[2], ARGV[6], ARGV[3])
     applied = 1
   end
 else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('SET', KEYS[1], ARGV[2], ARGV[6], ARGV[3])
   applied = 1
 end
 local receivers = 0
@@ -68,12 +69,26 @@ class L2Cache:
         return [decode(cast(bytes, raw)) if raw is not None else None for raw in raws]
 
     async def set_if_newer(
-        self, key: str, version: int, payload: bytes | None, *, channel: str = "", message: str = ""
+        self,
+        key: str,
+        version: int,
+        payload: bytes | None,
+        *,
+        channel: str = "",
+        message: str = "",
+        expire_at_ms: int | None = None,
     ) -> tuple[bool, int]:
-        """Whether the value was written, and how many subscribers got `message` (if any)."""
-        ttl = self._ttl_ms if self._ttl_ms > 0 else 1
+        """Whether the value was written, and how many subscribers got `message` (if any).
+
+        With `expire_at_ms` (a Unix time in milliseconds) the entry expires then instead of after
+        the cache's TTL: an entity with its own lifetime leaves Redis exactly when it ends.
+        """
+        if expire_at_ms is not None:
+            expiry, mode = expire_at_ms, "PXAT"
+        else:
+            expiry, mode = (self._ttl_ms if self._ttl_ms > 0 else 1), "PX"
         applied, receivers = await self._set_if_newer(
-            keys=[key], args=[version, encode(version, payload), ttl, channel, message]
+            keys=[key], args=[version, encode(version, payload), expiry, channel, message, mode]
         )
         return bool(applied), int(receivers)
 

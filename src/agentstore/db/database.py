@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from agentstore import metrics
 from agentstore.config import Settings
 from agentstore.context import current_request
 from agentstore.db.errors import (
@@ -66,6 +67,11 @@ FROM pg_roles r WHERE r.rolname = current_user
 """
 
 
+def _count_statement() -> None:
+    ctx = current_request()
+    metrics.DB_STATEMENTS.labels(ctx.method if ctx is not None else "").inc()
+
+
 class AppConnection(asyncpg.Connection):  # type: ignore[misc]
     """A connection whose release skips asyncpg's reset query.
 
@@ -77,6 +83,21 @@ class AppConnection(asyncpg.Connection):  # type: ignore[misc]
 
     def get_reset_query(self) -> str:
         return ""
+
+    # Every statement is counted per RPC (agentstore_db_statements_total): how many round trips
+    # an RPC costs is a property the tests and operators can check without timing anything.
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109
+        if not args:  # with arguments, asyncpg's execute goes through _execute
+            _count_statement()
+        return await super().execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+
+    async def _execute(self, *args: Any, **kwargs: Any) -> Any:
+        _count_statement()
+        return await super()._execute(*args, **kwargs)
+
+    async def _executemany(self, *args: Any, **kwargs: Any) -> Any:
+        _count_statement()
+        return await super()._executemany(*args, **kwargs)
 
 
 class Database:

@@ -113,10 +113,15 @@ async def fetch_page(
     filter: str = "",
     order_by: str = "",
     platform_scope: bool = False,
+    base: Sequence[object] | None = None,
 ) -> tuple[Sequence[Record], str]:
-    """One page of a List RPC and the next page token; the spec's $1 (if any) is the tenant."""
+    """One page of a List RPC and the next page token.
+
+    `base` fills the spec's first `base_params` parameters; by default $1 is the tenant.
+    """
     plan = plan_list(spec, codec, page_size=page_size, page_token=page_token, filter=filter, order_by=order_by)
-    base = (tenant_id,) if spec.base_params else ()
+    if base is None:
+        base = (tenant_id,) if spec.base_params else ()
     rows = await db.run(
         lambda con: con.fetch(plan.sql, *base, *plan.params), tenant_id, readonly=True, platform_scope=platform_scope
     )
@@ -152,6 +157,39 @@ async def write_audit(
         message_json(before) if before is not None else None,
         message_json(after) if after is not None else None,
         ctx.request_id if ctx is not None else "",
+    )
+
+
+INSERT_AUDITS = """
+INSERT INTO audit_logs (tenant_id, actor, actor_key_id, action, entity_type, entity_id, before, after, request_id)
+SELECT $1, $2, $3, u.action, u.entity_type, u.entity_id, u.before::jsonb, u.after::jsonb, $4
+FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[]) WITH ORDINALITY
+     AS u(action, entity_type, entity_id, before, after, n)
+ORDER BY u.n
+"""
+
+# (action, entity_type, entity_id, before, after) of one audit row.
+AuditEntry = tuple[str, str, "uuid.UUID | str", "Message | None", "Message | None"]
+
+
+async def write_audits(
+    con: asyncpg.Connection, principal: Principal, tenant_id: uuid.UUID, entries: Sequence[AuditEntry]
+) -> None:
+    """Several audit rows in one statement, in the caller's transaction and in the given order."""
+    if not entries:
+        return
+    ctx = current_request()
+    await con.execute(
+        INSERT_AUDITS,
+        tenant_id,
+        principal.actor,
+        principal.key_id,
+        ctx.request_id if ctx is not None else "",
+        [e[0] for e in entries],
+        [e[1] for e in entries],
+        [str(e[2]) for e in entries],
+        [message_json(e[3]) if e[3] is not None else None for e in entries],
+        [message_json(e[4]) if e[4] is not None else None for e in entries],
     )
 
 
