@@ -22,12 +22,22 @@ from agentstore import migrate
 from tests.conftest import MIGRATIONS, REPO, Servers, create_empty_database, drop_database
 from tests.integration.helpers import run_command
 
-TENANT_TABLES = ("tenants", "api_keys", "agents", "audit_logs", "create_requests")
+TENANT_TABLES = (
+    "tenants", "api_keys", "agents", "audit_logs", "create_requests", "tasks", "sessions", "achievements"
+)
 # Tables whose rows belong to one tenant through a tenant_id column.
-TENANT_SCOPED = ("api_keys", "agents", "audit_logs", "create_requests")
-AGENTSTORE_FUNCTIONS = ("agentstore_current_tenant", "agentstore_scoped_tags", "agentstore_scoped_json")
+TENANT_SCOPED = ("api_keys", "agents", "audit_logs", "create_requests", "tasks", "sessions", "achievements")
+AGENTSTORE_FUNCTIONS = (
+    "agentstore_current_tenant",
+    "agentstore_scoped_tags",
+    "agentstore_scoped_json",
+    "agentstore_scoped_search",
+    "agentstore_scoped_query",
+)
 AGENTSTORE_BIN = Path(sys.executable).parent / "agentstore"
 CLI_TIMEOUT = 60
+# Every migration in the repository, in the order yoyo applies them (each depends on the one before).
+ALL = sorted(p.stem for p in MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql") if not p.name.endswith(".rollback.sql"))
 
 
 @pytest.fixture
@@ -136,14 +146,14 @@ async def test_apply_rollback_apply(fresh_db: str) -> None:
     assert before == set()
 
     applied = await asyncio.to_thread(migrate.apply, fresh_db, MIGRATIONS)
-    assert applied == ["0001_foundation"]
+    assert applied == ALL
     await _check_schema(fresh_db)
-    assert await asyncio.to_thread(migrate.status, fresh_db, MIGRATIONS) == [("0001_foundation", True)]
+    assert await asyncio.to_thread(migrate.status, fresh_db, MIGRATIONS) == [(m, True) for m in ALL]
     # Applying again is a no-op.
     assert await asyncio.to_thread(migrate.apply, fresh_db, MIGRATIONS) == []
 
     rolled = await asyncio.to_thread(migrate.rollback, fresh_db, MIGRATIONS, everything=True)
-    assert rolled == ["0001_foundation"]
+    assert rolled == ALL[::-1]
     con = await asyncpg.connect(fresh_db)
     try:
         assert await _user_relations(con) == set(), "rollback left agentstore relations behind"
@@ -151,9 +161,9 @@ async def test_apply_rollback_apply(fresh_db: str) -> None:
         assert not await con.fetchval("SELECT count(*) FROM pg_policies WHERE schemaname = 'public'")
     finally:
         await con.close()
-    assert await asyncio.to_thread(migrate.status, fresh_db, MIGRATIONS) == [("0001_foundation", False)]
+    assert await asyncio.to_thread(migrate.status, fresh_db, MIGRATIONS) == [(m, False) for m in ALL]
 
-    assert await asyncio.to_thread(migrate.apply, fresh_db, MIGRATIONS) == ["0001_foundation"]
+    assert await asyncio.to_thread(migrate.apply, fresh_db, MIGRATIONS) == ALL
     await _check_schema(fresh_db)
 
 
@@ -174,20 +184,22 @@ async def test_cli_list_apply_rollback(fresh_db: str, tmp_path: Path) -> None:
     env = _cli_env(AGENTSTORE_MIGRATIONS_DATABASE_URL=fresh_db, AGENTSTORE_MIGRATIONS_DIR=str(MIGRATIONS))
 
     code, out, err = await _cli("migrate", "list", env=env)
-    assert (code, out.split()) == (0, ["U", "0001_foundation"]), err
+    assert (code, out.splitlines()) == (0, [f"U {m}" for m in ALL]), err
 
     code, out, err = await _cli("migrate", "apply", env=env)
-    assert (code, out.strip()) == (0, "applied 0001_foundation"), err
+    assert (code, out.splitlines()) == (0, [f"applied {m}" for m in ALL]), err
     await _check_schema(fresh_db)
 
     code, out, err = await _cli("migrate", "list", env=env)
-    assert (code, out.split()) == (0, ["A", "0001_foundation"]), err
+    assert (code, out.splitlines()) == (0, [f"A {m}" for m in ALL]), err
 
     code, out, err = await _cli("migrate", "apply", env=env)
     assert (code, out.strip()) == (0, "nothing to apply"), err
 
-    code, out, err = await _cli("migrate", "rollback", env=env)
-    assert (code, out.strip()) == (0, "rolled back 0001_foundation"), err
+    # One step at a time, newest first, until nothing is left.
+    for migration in ALL[::-1]:
+        code, out, err = await _cli("migrate", "rollback", env=env)
+        assert (code, out.strip()) == (0, f"rolled back {migration}"), err
     con = await asyncpg.connect(fresh_db)
     try:
         assert await _user_relations(con) == set()
@@ -199,9 +211,9 @@ async def test_cli_list_apply_rollback(fresh_db: str, tmp_path: Path) -> None:
 
     # Found from the working directory when AGENTSTORE_MIGRATIONS_DIR is unset.
     code, out, err = await _cli("migrate", "apply", env=_cli_env(AGENTSTORE_MIGRATIONS_DATABASE_URL=fresh_db), cwd=REPO)
-    assert (code, out.strip()) == (0, "applied 0001_foundation"), err
+    assert (code, out.splitlines()) == (0, [f"applied {m}" for m in ALL]), err
     code, out, err = await _cli("migrate", "rollback", "--all", env=env)
-    assert (code, out.strip()) == (0, "rolled back 0001_foundation"), err
+    assert (code, out.splitlines()) == (0, [f"rolled back {m}" for m in ALL[::-1]]), err
 
 
 async def test_cli_without_database_url_fails() -> None:
@@ -219,41 +231,33 @@ async def test_cli_new_creates_a_pair_that_applies(fresh_db: str, tmp_path: Path
 
     code, out, err = await _cli("migrate", "new", "Add", "tasks", env=env, cwd=tmp_path)
     assert code == 0, err
-    forward = directory / "0002_add_tasks.sql"
-    backward = directory / "0002_add_tasks.rollback.sql"
+    nxt, after = len(ALL) + 1, len(ALL) + 2
+    forward = directory / f"{nxt:04d}_add_tasks.sql"
+    backward = directory / f"{nxt:04d}_add_tasks.rollback.sql"
     assert out.split() == ["created", str(forward), "created", str(backward)]
     assert forward.is_file() and backward.is_file()
     assert sorted(p.name for p in directory.iterdir()) == sorted([*originals, forward.name, backward.name])
-    assert re.search(r"^-- depends: 0001_foundation$", forward.read_text(), flags=re.MULTILINE)
-    assert "0002_add_tasks" in backward.read_text()
+    assert re.search(rf"^-- depends: {ALL[-1]}$", forward.read_text(), flags=re.MULTILINE)
+    assert f"{nxt:04d}_add_tasks" in backward.read_text()
     # The repository's own migrations are untouched.
     assert sorted(p.name for p in MIGRATIONS.iterdir()) == originals
 
     code, out, err = await _cli("migrate", "new", "more", "things", env=env, cwd=tmp_path)
     assert code == 0, err
-    third = directory / "0003_more_things.sql"
-    assert re.search(r"^-- depends: 0002_add_tasks$", third.read_text(), flags=re.MULTILINE)
-    assert (directory / "0003_more_things.rollback.sql").is_file()
+    third = directory / f"{after:04d}_more_things.sql"
+    assert re.search(rf"^-- depends: {nxt:04d}_add_tasks$", third.read_text(), flags=re.MULTILINE)
+    assert (directory / f"{after:04d}_more_things.rollback.sql").is_file()
 
     # The scaffolds are valid migrations: yoyo applies and rolls back the whole chain.
     code, out, err = await _cli("migrate", "apply", env=env, cwd=tmp_path)
     assert code == 0, err
-    assert out.split() == ["applied", "0001_foundation", "applied", "0002_add_tasks", "applied", "0003_more_things"]
+    chain = [*ALL, f"{nxt:04d}_add_tasks", f"{after:04d}_more_things"]
+    assert out.splitlines() == [f"applied {m}" for m in chain], err
     code, out, err = await _cli("migrate", "list", env=env, cwd=tmp_path)
-    assert out.split() == ["A", "0001_foundation", "A", "0002_add_tasks", "A", "0003_more_things"], err
+    assert out.splitlines() == [f"A {m}" for m in chain], err
     code, out, err = await _cli("migrate", "rollback", "--all", env=env, cwd=tmp_path)
     assert code == 0, err
-    assert out.split() == [
-        "rolled",
-        "back",
-        "0003_more_things",
-        "rolled",
-        "back",
-        "0002_add_tasks",
-        "rolled",
-        "back",
-        "0001_foundation",
-    ]
+    assert out.splitlines() == [f"rolled back {m}" for m in chain[::-1]]
 
     # A name with nothing usable in it is refused with one line.
     code, out, err = await _cli("migrate", "new", "!!!", env=env, cwd=tmp_path)

@@ -119,7 +119,14 @@ SERVICE_PROTOS = sorted(PROTO_DIR.glob("*_service.proto"))
 
 
 def test_there_are_service_protos() -> None:
-    assert [p.name for p in SERVICE_PROTOS] == ["agent_service.proto", "tenant_service.proto"]
+    assert [p.name for p in SERVICE_PROTOS] == [
+        "achievement_service.proto",
+        "agent_service.proto",
+        "audit_log_service.proto",
+        "session_service.proto",
+        "task_service.proto",
+        "tenant_service.proto",
+    ]
 
 
 @pytest.mark.parametrize("proto", SERVICE_PROTOS, ids=lambda p: p.name)

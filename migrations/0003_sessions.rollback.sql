@@ -1,0 +1,2 @@
+-- Undoes 0003_sessions.
+DROP TABLE IF EXISTS sessions;
