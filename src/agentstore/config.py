@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     max_send_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     health_probe_interval_seconds: PositiveFloat = 2.0
+    # How often expired task leases go back to the queue (0 disables the sweeper).
+    lease_sweep_interval_seconds: float = Field(default=1.0, ge=0)
 
     # Database access.
     db_pool_min_size: int = Field(default=2, ge=0)
@@ -55,6 +57,8 @@ class Settings(BaseSettings):
     cache_l2_ttl_seconds: float = Field(default=600.0, ge=0)
     # Every Redis command gives up after this long; the RPC then goes to PostgreSQL.
     redis_timeout_seconds: PositiveFloat = 0.05
+    # Seconds between runs of the job deleting expired sessions (invisible from expire_time on); 0: off.
+    session_purge_interval_seconds: float = Field(default=60.0, ge=0)
 
     # Observability.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -30,17 +30,38 @@ from agentstore.context import RequestContext, set_current_request
 from agentstore.db import Database
 from agentstore.errors import ApiError, internal, invalid_argument
 from agentstore.query import PageTokenCodec
+from agentstore.resources.achievements import AchievementService, Leaderboard, award_for_completion
 from agentstore.resources.agents import AgentService
+from agentstore.resources.audit import AuditLogService
+from agentstore.resources.sessions import SessionCache, SessionService
+from agentstore.resources.tasks import TaskService
 from agentstore.resources.tenants import TenantService
 from agentstore.tasks import cancel_and_wait
-from agentstore.v1 import agent_service_pb2, agent_service_pb2_grpc, tenant_service_pb2, tenant_service_pb2_grpc
+from agentstore.v1 import (
+    achievement_service_pb2,
+    achievement_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    audit_log_service_pb2,
+    audit_log_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    task_service_pb2,
+    task_service_pb2_grpc,
+    tenant_service_pb2,
+    tenant_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("agentstore.access")
 
 AGENT_SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 TENANT_SERVICE = tenant_service_pb2.DESCRIPTOR.services_by_name["TenantService"].full_name
-API_SERVICES = (AGENT_SERVICE, TENANT_SERVICE)
+TASK_SERVICE = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
+SESSION_SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
+ACHIEVEMENT_SERVICE = achievement_service_pb2.DESCRIPTOR.services_by_name["AchievementService"].full_name
+AUDIT_LOG_SERVICE = audit_log_service_pb2.DESCRIPTOR.services_by_name["AuditLogService"].full_name
+API_SERVICES = (AGENT_SERVICE, TENANT_SERVICE, TASK_SERVICE, SESSION_SERVICE, ACHIEVEMENT_SERVICE, AUDIT_LOG_SERVICE)
 # Health names beyond "" and the services: what Kubernetes' gRPC probes ask for.
 LIVENESS, READINESS = "liveness", "readiness"
 
@@ -139,6 +160,7 @@ class ApiInterceptor:
                 request_id=_request_id(md),
                 deadline=time.monotonic() + remaining if remaining is not None else None,
                 no_cache="no-cache" in md.get("cache-control", "").lower(),
+                method=rpc_name,
             )
             set_current_request(ctx)
             code = grpc.StatusCode.OK
@@ -224,6 +246,10 @@ class App:
     circuit: RedisCircuit
     caches: dict[str, EntityCache]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Per-tenant achievement leaderboards; whoever awards calls `leaderboard.awarded` after commit.
+    leaderboard: Leaderboard | None = None
+    sessions: SessionService | None = None
+    task_service: TaskService | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Health goes NOT_SERVING, in-flight RPCs get `grace` seconds, then the pools close."""
@@ -288,6 +314,8 @@ async def start_server(settings: Settings, database_url: str, redis_url: str) ->
     l1 = L1Cache(settings.cache_l1_max_entries, settings.cache_l1_ttl_seconds)
     l2 = L2Cache(redis_client, settings.cache_l2_ttl_seconds)
     caches = {"agent": EntityCache("agent", l1, l2, bus, circuit, settings.redis_key_prefix)}
+    leaderboard = Leaderboard(redis_client, circuit, db, settings.redis_key_prefix)
+    sessions = SessionService(db, codec, SessionCache(l2, circuit, settings.redis_key_prefix), caches["agent"])
 
     interceptor = ApiInterceptor(authenticator, settings)
     server = grpc.aio.server(
@@ -298,10 +326,25 @@ async def start_server(settings: Settings, database_url: str, redis_url: str) ->
         ],
     )
     interceptor.register(
-        server, agent_service_pb2_grpc.add_AgentServiceServicer_to_server, AgentService(db, codec, caches["agent"])
+        server,
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server,
+        AgentService(db, codec, caches["agent"], on_deleted=leaderboard.invalidate),
     )
     interceptor.register(
         server, tenant_service_pb2_grpc.add_TenantServiceServicer_to_server, TenantService(db, codec, authenticator)
+    )
+    interceptor.register(server, session_service_pb2_grpc.add_SessionServiceServicer_to_server, sessions)
+    task_service = TaskService(
+        db, codec, caches["agent"], bus, on_completion=award_for_completion, after_completion=leaderboard.awarded
+    )
+    interceptor.register(server, task_service_pb2_grpc.add_TaskServiceServicer_to_server, task_service)
+    interceptor.register(
+        server,
+        achievement_service_pb2_grpc.add_AchievementServiceServicer_to_server,
+        AchievementService(db, codec, leaderboard),
+    )
+    interceptor.register(
+        server, audit_log_service_pb2_grpc.add_AuditLogServiceServicer_to_server, AuditLogService(db, codec)
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -316,7 +359,16 @@ async def start_server(settings: Settings, database_url: str, redis_url: str) ->
     await server.start()
     bus.start()
     app = App(settings, db, redis_client, server, health_servicer, port, bus, circuit, caches)
+    app.leaderboard = leaderboard
     app.tasks.append(asyncio.create_task(_probe_dependencies(app), name="health-probe"))
+    app.sessions = sessions
+    app.task_service = task_service
+    if settings.lease_sweep_interval_seconds > 0:
+        sweeper = task_service.run_sweeper(settings.lease_sweep_interval_seconds)
+        app.tasks.append(asyncio.create_task(sweeper, name="lease-sweeper"))
+    if settings.session_purge_interval_seconds > 0:
+        purge = sessions.purge_periodically(settings.session_purge_interval_seconds)
+        app.tasks.append(asyncio.create_task(purge, name="session-purge"))
     log.info("serving", extra={"address": settings.listen_address, "port": port})
     return app
 

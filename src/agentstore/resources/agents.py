@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -220,8 +220,17 @@ def update_paths(request: agent_service_pb2.UpdateAgentRequest) -> list[str]:
 class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     """Servicers only unpack the request, run one unit of work and build the response."""
 
-    def __init__(self, db: Database, page_tokens: PageTokenCodec, cache: EntityCache) -> None:
+    def __init__(
+        self,
+        db: Database,
+        page_tokens: PageTokenCodec,
+        cache: EntityCache,
+        on_deleted: Callable[[uuid.UUID], Awaitable[None]] | None = None,
+    ) -> None:
         self._db = db
+        # After an agent's delete commits (its achievements went with it): e.g. drop the
+        # tenant's cached leaderboard so that the next read rebuilds it from PostgreSQL.
+        self._on_deleted = on_deleted
         self._page_tokens = page_tokens
         self._cache = cache
         self._point_reads: PointReads[tuple[int, bytes]] = PointReads(self._fetch_agents)
@@ -362,4 +371,6 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         row = await self._db.run(delete, tenant)
         # A tombstone one version past the deleted row: no reader can put the old row back.
         await self._cache.written((tenant, agent_id), row["version"] + 1, None)
+        if self._on_deleted is not None:
+            await self._on_deleted(tenant)
         return empty_pb2.Empty()

@@ -1,0 +1,529 @@
+"""Sessions: SQL, row → proto, the Redis copy that expires with the session, the SessionService
+servicer, and the purge of expired rows.
+
+A session is gone from the instant its expire_time passes: every statement checks
+`expire_time > now()`, so the purge only reclaims space and never decides visibility.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import duration_pb2, empty_pb2
+from google.protobuf.message import DecodeError
+
+from agentstore import metrics
+from agentstore.cache.entity import EntityCache, Loaded
+from agentstore.cache.l2 import L2Cache
+from agentstore.cache.outage import RedisCircuit
+from agentstore.context import cache_bypassed, current_principal
+from agentstore.db import ConstraintReason, Database, Record, register_constraint
+from agentstore.errors import etag_mismatch, invalid_argument, invalid_field, not_found
+from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
+from agentstore.query.filter import FilterError, compile_filter
+from agentstore.query.listing import ListSpec
+from agentstore.resources.agents import GET_AGENT, agent_from_row
+from agentstore.resources.common import (
+    check_text,
+    claim_request_id,
+    etag_matches,
+    etag_of,
+    fetch_page,
+    json_to_struct,
+    parse_id,
+    parse_request_id,
+    struct_to_json,
+    to_timestamp,
+    write_audit,
+)
+from agentstore.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ENTITY = "session"
+
+DEFAULT_TTL = timedelta(hours=1)
+MIN_TTL = timedelta(seconds=1)
+MAX_TTL = timedelta(days=30)
+MAX_USER_ID = 256
+# Rows deleted per statement by the purge, so it never holds many row locks at once.
+PURGE_BATCH = 1000
+# The periodic purge leaves rows this long past their expiry (they are invisible already), so it
+# never races the instant of expiry and an expired session can still be inspected for a while.
+PURGE_GRACE = timedelta(minutes=1)
+
+COLUMNS = """id, agent_id, user_id, state::text AS state, ttl, expire_time, create_time, update_time, version"""
+
+# Every read and write sees only live sessions: expiry is exact, not up to the purge.
+GET_SESSION = f"SELECT {COLUMNS} FROM sessions WHERE tenant_id = $1 AND id = $2 AND expire_time > now()"
+
+GET_SESSION_FOR_UPDATE = f"{GET_SESSION} FOR UPDATE"
+
+INSERT_SESSION = f"""
+INSERT INTO sessions (tenant_id, id, agent_id, user_id, state, ttl, expire_time)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6::interval, now() + $6::interval)
+RETURNING {COLUMNS}
+"""
+
+# An update extends the session's life by its (possibly new) ttl, counted from now.
+UPDATE_SESSION = f"""
+UPDATE sessions
+SET user_id = $3, state = $4::jsonb, ttl = $5::interval, expire_time = now() + $5::interval,
+    version = version + 1, update_time = now()
+WHERE tenant_id = $1 AND id = $2 AND expire_time > now()
+RETURNING {COLUMNS}
+"""
+
+DELETE_SESSION = f"""
+DELETE FROM sessions WHERE tenant_id = $1 AND id = $2 AND expire_time > now() RETURNING {COLUMNS}
+"""
+
+# The purge sees all tenants only through the platform scope of the tenants table; sessions
+# themselves are deleted one tenant (one row-level-security scope) at a time.
+LIST_TENANT_IDS = "SELECT id FROM tenants ORDER BY id"
+
+PURGE_EXPIRED = """
+WITH gone AS (
+    DELETE FROM sessions
+    WHERE tenant_id = $1 AND id IN (
+        SELECT id FROM sessions
+        WHERE tenant_id = $1 AND expire_time <= now() - $2::interval
+        ORDER BY expire_time
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+FILTER_FIELDS = {
+    "agent_id": FieldSpec("agent_id", FieldKind.UUID),
+    "user_id": FieldSpec("user_id", FieldKind.STRING),
+    "state": FieldSpec("state", FieldKind.JSON),
+    "create_time": FieldSpec("create_time", FieldKind.TIMESTAMP),
+    "update_time": FieldSpec("update_time", FieldKind.TIMESTAMP),
+    "expire_time": FieldSpec("expire_time", FieldKind.TIMESTAMP),
+}
+LIST_SPEC = ListSpec(
+    resource="sessions",
+    select=f"SELECT {COLUMNS} FROM sessions WHERE tenant_id = $1 AND expire_time > now()",
+    fields=FILTER_FIELDS,
+    sort_keys={
+        "create_time": SortKey("create_time", "create_time", FieldKind.TIMESTAMP),
+        "update_time": SortKey("update_time", "update_time", FieldKind.TIMESTAMP),
+        "expire_time": SortKey("expire_time", "expire_time", FieldKind.TIMESTAMP),
+    },
+    default_order="create_time",
+    tie_breaker=SortKey("id", "id", FieldKind.UUID),
+)
+
+UPDATABLE = ("user_id", "state", "ttl")
+OUTPUT_ONLY = ("id", "expire_time", "create_time", "update_time", "etag")
+IMMUTABLE = ("agent_id",)
+STATE_KEY_PREFIX = "state."
+
+register_constraint(
+    "sessions_agent_fkey",
+    ConstraintReason(
+        grpc.StatusCode.NOT_FOUND, "AGENT_NOT_FOUND", "the tenant has no agent with this id", "session.agent_id"
+    ),
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def epoch_micros(moment: datetime) -> int:
+    """Exact microseconds since the Unix epoch (no float rounding)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def session_from_row(row: Record) -> session_pb2.Session:
+    session = session_pb2.Session(
+        id=str(row["id"]),
+        agent_id=str(row["agent_id"]),
+        user_id=row["user_id"],
+        etag=etag_of(row["version"]),
+    )
+    json_to_struct(row["state"], session.state)
+    session.ttl.FromTimedelta(row["ttl"])
+    to_timestamp(row["expire_time"], session.expire_time)
+    to_timestamp(row["create_time"], session.create_time)
+    to_timestamp(row["update_time"], session.update_time)
+    return session
+
+
+def session_not_found(session_id: uuid.UUID | str) -> Exception:
+    return not_found("SESSION_NOT_FOUND", f"no session {session_id}, or it has expired")
+
+
+def ttl_of(duration: duration_pb2.Duration, field: str) -> timedelta:
+    """A client's ttl, checked against 1 s .. 30 days (sub-microsecond digits are dropped)."""
+    # Negative parts are either invalid or below the minimum.
+    if duration.seconds < 0 or not 0 <= duration.nanos <= 999_999_999:
+        raise invalid_field(field, "must be from 1 second to 30 days")
+    ttl = timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise invalid_field(field, "must be from 1 second to 30 days")
+    return ttl
+
+
+def column_values(session: session_pb2.Session) -> list[Any]:
+    """The stored form of the mutable fields, validated, in the order UPDATE takes them."""
+    check_text(session.user_id, "session.user_id", max_len=MAX_USER_ID)
+    ttl = ttl_of(session.ttl, "session.ttl") if session.HasField("ttl") else DEFAULT_TTL
+    return [session.user_id, struct_to_json(session.state, "session.state"), ttl]
+
+
+def _bad_mask(message: str) -> Exception:
+    return invalid_argument("INVALID_UPDATE_MASK", message, [("update_mask", message)])
+
+
+def update_paths(request: session_service_pb2.UpdateSessionRequest) -> list[str]:
+    """The fields to write: the mask's, `*` for all, or (no mask) every field set in the session."""
+    session = request.session
+    if not request.HasField("update_mask") or not request.update_mask.paths:
+        return [f.name for f, _ in session.ListFields() if f.name in UPDATABLE]
+    if "*" in request.update_mask.paths:
+        if len(request.update_mask.paths) > 1:
+            raise _bad_mask("`*` must be the only path")
+        return list(UPDATABLE)
+    paths: list[str] = []
+    for path in request.update_mask.paths:
+        if path in OUTPUT_ONLY:
+            raise _bad_mask(f"{path} is output only")
+        if path in IMMUTABLE:
+            raise _bad_mask(f"{path} cannot be changed")
+        if path.startswith(STATE_KEY_PREFIX):
+            if len(path) == len(STATE_KEY_PREFIX):
+                raise _bad_mask("state. needs a key after the dot")
+        elif path not in UPDATABLE:
+            raise _bad_mask(f"unknown field {path!r}")
+        if path not in paths:
+            paths.append(path)
+    if "state" in paths and any(p.startswith(STATE_KEY_PREFIX) for p in paths):
+        raise _bad_mask("state and state.<key> paths cannot be combined")
+    return paths
+
+
+def merge_for_update(
+    stored: session_pb2.Session, patch: session_pb2.Session, paths: Sequence[str]
+) -> session_pb2.Session:
+    merged = session_pb2.Session()
+    merged.CopyFrom(stored)
+    for path in paths:
+        if path == "user_id":
+            merged.user_id = patch.user_id
+        elif path == "state":
+            merged.state.CopyFrom(patch.state)
+        elif path == "ttl":
+            # Named in the mask but unset: back to the default.
+            merged.ClearField("ttl")
+            if patch.HasField("ttl"):
+                merged.ttl.CopyFrom(patch.ttl)
+        else:
+            key = path[len(STATE_KEY_PREFIX) :]
+            if key in patch.state.fields:
+                merged.state.fields[key].CopyFrom(patch.state.fields[key])
+            elif key in merged.state.fields:
+                del merged.state.fields[key]
+    return merged
+
+
+def with_agent(filter: str, agent_id: uuid.UUID | None) -> str:
+    """The request's filter, narrowed to one agent. The client's filter is parsed on its own
+    first, so it cannot reach outside its parentheses (e.g. `x) OR (y`)."""
+    if agent_id is None:
+        return filter
+    try:
+        compile_filter(filter, FILTER_FIELDS, first_param=2)
+    except FilterError as exc:
+        raise invalid_argument("INVALID_FILTER", str(exc), [("filter", str(exc))]) from None
+    narrowed = f'agent_id = "{agent_id}"'
+    return f"{narrowed} AND ({filter})" if filter.strip() else narrowed
+
+
+class SessionCache:
+    """Sessions in Redis (key `<prefix>s:session:<tenant>:<id>`) until exactly their expire_time.
+
+    Values are L2 entries (`<version>:<Session bytes>`) written set-if-newer, so a reader that
+    loaded an older row cannot overwrite a newer one or a deletion's tombstone. PostgreSQL is
+    the truth: any Redis failure means a read from PostgreSQL, and a post-commit write that may
+    have missed Redis keeps this process off Redis until the key is deleted.
+    """
+
+    def __init__(self, l2: L2Cache, circuit: RedisCircuit, key_prefix: str) -> None:
+        self._l2 = l2
+        self._circuit = circuit
+        self._prefix = f"{key_prefix}s:session:"
+        self._unflushed: set[str] = set()
+        circuit.on_recovery.append(self._flush_unflushed)
+        self._hits = metrics.CACHE_HITS.labels(ENTITY, "l2")
+        self._misses = metrics.CACHE_MISSES.labels(ENTITY, "l2")
+
+    def key(self, tenant: uuid.UUID, session_id: uuid.UUID) -> str:
+        return f"{self._prefix}{tenant}:{session_id}"
+
+    def _usable(self) -> bool:
+        return self._l2.enabled and self._circuit.available and not self._unflushed
+
+    async def get(self, tenant: uuid.UUID, session_id: uuid.UUID) -> tuple[bytes, session_pb2.Session] | None:
+        """The cached Session, as wire bytes and decoded, or None (a miss: ask PostgreSQL)."""
+        if not self._usable():
+            return None
+        try:
+            entry = await self._l2.get(self.key(tenant, session_id))
+        except Exception as exc:
+            self._circuit.failed(exc)
+            return None
+        payload = entry.payload if entry is not None else None
+        session = _decoded(payload) if payload is not None else None
+        if payload is None or session is None or _expired(session):
+            # Redis drops the key at expire_time to the millisecond; the check above is exact
+            # to the microsecond, and an expired copy is left to PostgreSQL to judge.
+            self._misses.inc()
+            return None
+        self._hits.inc()
+        return payload, session
+
+    async def fill(self, tenant: uuid.UUID, session_id: uuid.UUID, row: Record, payload: bytes) -> None:
+        """After a read from PostgreSQL: cache it, unless Redis knows a newer version."""
+        if not self._usable():
+            return
+        try:
+            applied = await self._set(self.key(tenant, session_id), row["version"], payload, row["expire_time"])
+        except Exception as exc:
+            self._circuit.failed(exc)
+            return
+        if not applied:
+            metrics.CACHE_STALE_SETS_REJECTED.labels(ENTITY, "l2").inc()
+
+    async def written(self, tenant: uuid.UUID, row: Record, payload: bytes | None) -> None:
+        """After commit: Redis holds the new version (payload None: a tombstone one past the
+        deleted row's version, kept until the deleted row would have expired)."""
+        key = self.key(tenant, row["id"])
+        if not self._l2.enabled:
+            return
+        if not self._circuit.available:
+            self._unflushed.add(key)
+            return
+        version = row["version"] if payload is not None else row["version"] + 1
+        try:
+            await self._set(key, version, payload, row["expire_time"])
+        except Exception as exc:
+            self._unflushed.add(key)
+            self._circuit.failed(exc)
+
+    async def _set(self, key: str, version: int, payload: bytes | None, expire_time: datetime) -> bool:
+        # Floor to the millisecond: Redis never holds a session past its expire_time.
+        expire_ms = epoch_micros(expire_time) // 1000
+        if expire_ms <= time.time_ns() // 1_000_000:
+            return True  # already expired: nothing to cache
+        applied, _ = await self._l2.set_if_newer(key, version, payload, expire_at_ms=expire_ms)
+        return applied
+
+    async def _flush_unflushed(self) -> None:
+        """Before Redis is trusted again, delete what may have missed a post-commit write."""
+        if self._unflushed:
+            keys = list(self._unflushed)
+            await self._l2.delete(keys)
+            self._unflushed.difference_update(keys)
+
+
+def _decoded(payload: bytes) -> session_pb2.Session | None:
+    try:
+        return session_pb2.Session.FromString(payload)
+    except DecodeError:
+        return None  # not something this server wrote: ask PostgreSQL
+
+
+def _expired(session: session_pb2.Session) -> bool:
+    expire = session.expire_time
+    return expire.seconds * 1_000_000 + expire.nanos // 1000 <= time.time_ns() // 1000
+
+
+class SessionService(session_service_pb2_grpc.SessionServiceServicer):
+    """Servicers only unpack the request, run one unit of work and build the response."""
+
+    def __init__(self, db: Database, page_tokens: PageTokenCodec, cache: SessionCache, agents: EntityCache) -> None:
+        self._db = db
+        self._page_tokens = page_tokens
+        self._cache = cache
+        self._agents = agents
+
+    async def _agent_exists(self, tenant: uuid.UUID, agent_id: uuid.UUID) -> bool:
+        """Through the agent cache, which DeleteAgent invalidates in every process before it
+        returns: deleting an agent cascades to its sessions in PostgreSQL, not in Redis."""
+
+        async def load() -> Loaded:
+            row = await self._db.run(lambda con: con.fetchrow(GET_AGENT, tenant, agent_id), tenant, readonly=True)
+            return (row["version"], agent_from_row(row).SerializeToString()) if row is not None else None
+
+        return await self._agents.get((tenant, agent_id), load) is not None
+
+    async def _written(self, tenant: uuid.UUID, row: Record) -> session_pb2.Session:
+        """After commit: the response, and the Redis copy replaced with it."""
+        session = session_from_row(row)
+        await self._cache.written(tenant, row, session.SerializeToString())
+        return session
+
+    # Answers wire bytes (cached or freshly encoded); the server's serializer passes them through.
+    async def GetSession(  # type: ignore[override]
+        self, request: session_service_pb2.GetSessionRequest, context: Any
+    ) -> bytes:
+        tenant = current_principal().tenant_id
+        session_id = parse_id(request.id)
+        bypass = cache_bypassed()
+        if not bypass:
+            cached = await self._cache.get(tenant, session_id)
+            if cached is not None and await self._agent_exists(tenant, uuid.UUID(cached[1].agent_id)):
+                return cached[0]
+        row = await self._db.run(lambda con: con.fetchrow(GET_SESSION, tenant, session_id), tenant, readonly=True)
+        metrics.DB_LOADS.labels(ENTITY).inc()
+        if row is None:
+            raise session_not_found(session_id)
+        payload = session_from_row(row).SerializeToString()
+        if not bypass:
+            await self._cache.fill(tenant, session_id, row, payload)
+        return payload
+
+    async def ListSessions(
+        self, request: session_service_pb2.ListSessionsRequest, context: Any
+    ) -> session_service_pb2.ListSessionsResponse:
+        tenant = current_principal().tenant_id
+        agent_id = parse_id(request.agent_id, "agent_id") if request.agent_id else None
+        page, next_token = await fetch_page(
+            self._db,
+            self._page_tokens,
+            LIST_SPEC,
+            tenant,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            filter=with_agent(request.filter, agent_id),
+            order_by=request.order_by,
+        )
+        return session_service_pb2.ListSessionsResponse(
+            sessions=[session_from_row(row) for row in page], next_page_token=next_token
+        )
+
+    async def CreateSession(
+        self, request: session_service_pb2.CreateSessionRequest, context: Any
+    ) -> session_pb2.Session:
+        principal = current_principal()
+        if not request.HasField("session"):
+            raise invalid_field("session", "is required")
+        if not request.session.agent_id:
+            raise invalid_field("session.agent_id", "is required")
+        agent_id = parse_id(request.session.agent_id, "session.agent_id")
+        values = column_values(request.session)
+        request_id = parse_request_id(request.request_id)
+        tenant = principal.tenant_id
+
+        async def create(con: asyncpg.Connection) -> Record:
+            new_id = uuid.uuid4()
+            existing = await claim_request_id(con, tenant, request_id, ENTITY, new_id)
+            if existing is not None:
+                row = await con.fetchrow(GET_SESSION, tenant, existing)
+                if row is None:
+                    raise invalid_argument(
+                        "REQUEST_ID_REUSED",
+                        "the session this request_id created has since been deleted or has expired",
+                        [("request_id", "its session was deleted or has expired")],
+                    )
+                return row
+            row = await con.fetchrow(INSERT_SESSION, tenant, new_id, agent_id, *values)
+            await write_audit(con, principal, tenant, "session.create", ENTITY, new_id, None, session_from_row(row))
+            return row
+
+        return await self._written(tenant, await self._db.run(create, tenant))
+
+    async def UpdateSession(
+        self, request: session_service_pb2.UpdateSessionRequest, context: Any
+    ) -> session_pb2.Session:
+        principal = current_principal()
+        if not request.HasField("session"):
+            raise invalid_field("session", "is required")
+        session_id = parse_id(request.session.id, "session.id")
+        paths = update_paths(request)
+        tenant = principal.tenant_id
+
+        async def update(con: asyncpg.Connection) -> Record:
+            row = await con.fetchrow(GET_SESSION_FOR_UPDATE, tenant, session_id)
+            if row is None:
+                raise session_not_found(session_id)
+            if not etag_matches(request.session.etag, row["version"]):
+                raise etag_mismatch(ENTITY)
+            before = session_from_row(row)
+            merged = merge_for_update(before, request.session, paths)
+            updated = await con.fetchrow(UPDATE_SESSION, tenant, session_id, *column_values(merged))
+            await write_audit(
+                con, principal, tenant, "session.update", ENTITY, session_id, before, session_from_row(updated)
+            )
+            return updated
+
+        return await self._written(tenant, await self._db.run(update, tenant))
+
+    async def DeleteSession(self, request: session_service_pb2.DeleteSessionRequest, context: Any) -> empty_pb2.Empty:
+        principal = current_principal()
+        session_id = parse_id(request.id)
+        tenant = principal.tenant_id
+
+        async def delete(con: asyncpg.Connection) -> Record:
+            row = await con.fetchrow(DELETE_SESSION, tenant, session_id)
+            if row is None:
+                raise session_not_found(session_id)
+            # Raising rolls the delete back.
+            if not etag_matches(request.etag, row["version"]):
+                raise etag_mismatch(ENTITY)
+            await write_audit(con, principal, tenant, "session.delete", ENTITY, session_id, session_from_row(row), None)
+            return row
+
+        row = await self._db.run(delete, tenant)
+        await self._cache.written(tenant, row, None)
+        return empty_pb2.Empty()
+
+    # --- the purge of expired rows ----------------------------------------------------------
+
+    async def purge_expired(self, grace: timedelta = timedelta(0)) -> int:
+        """Delete the sessions of every tenant that expired more than `grace` ago; the count.
+
+        Expired sessions are already invisible, so this only reclaims space. Each tenant is its
+        own transaction per batch: row-level security shows one tenant at a time.
+        """
+        tenants = await self._db.run(lambda con: con.fetch(LIST_TENANT_IDS), None, readonly=True, platform_scope=True)
+        total = 0
+        for record in tenants:
+            tenant: uuid.UUID = record["id"]
+            while True:
+                deleted = await self._purge_batch(tenant, grace)
+                total += deleted
+                if deleted < PURGE_BATCH:
+                    break
+        return total
+
+    async def _purge_batch(self, tenant: uuid.UUID, grace: timedelta) -> int:
+        deleted: int = await self._db.run(lambda con: con.fetchval(PURGE_EXPIRED, tenant, grace, PURGE_BATCH), tenant)
+        return deleted
+
+    async def purge_periodically(self, interval: float) -> None:
+        """The background job: purge, then sleep `interval` seconds, until cancelled."""
+        while True:
+            try:
+                purged = await self.purge_expired(PURGE_GRACE)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("session purge failed", extra={"error": type(exc).__name__})
+            else:
+                if purged:
+                    log.info("purged expired sessions", extra={"count": purged})
+            await asyncio.sleep(interval)

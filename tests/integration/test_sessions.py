@@ -1,0 +1,515 @@
+"""SessionService end to end: real gRPC channel, real PostgreSQL, real Redis. No mocks.
+
+Expiry is exact: a session answers NOT_FOUND from its expire_time on, while its row still exists
+(the purge only reclaims space later), whether the read goes through Redis or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+from prometheus_client import REGISTRY
+
+from agentstore.server import App, start_server
+from agentstore.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
+from tests.integration.conftest import TenantKeys, server_settings
+from tests.integration.helpers import Metadata, create_agent, expect_error
+
+if TYPE_CHECKING:
+    from tests.conftest import ScratchDatabase, Servers
+
+S = grpc.StatusCode
+NO_CACHE = (("cache-control", "no-cache"),)
+
+
+@pytest.fixture(scope="session")
+def sessions_stub(channel: grpc.aio.Channel) -> session_service_pb2_grpc.SessionServiceStub:
+    return session_service_pb2_grpc.SessionServiceStub(channel)
+
+
+@pytest.fixture
+async def owner(database: ScratchDatabase) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as the schema owner (a superuser here): sees rows regardless of tenant."""
+    con = await asyncpg.connect(database.owner_url)
+    yield con
+    await con.close()
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromTimedelta(timedelta(seconds=value))
+    return out
+
+
+def when(t: timestamp_pb2.Timestamp) -> datetime:
+    return t.ToDatetime(tzinfo=UTC)
+
+
+def micros(t: timestamp_pb2.Timestamp) -> int:
+    return t.seconds * 1_000_000 + t.nanos // 1000
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def redis_hits() -> float:
+    return counter("agentstore_cache_hits_total", kind="session", tier="l2")
+
+
+def db_loads() -> float:
+    return counter("agentstore_db_loads_total", kind="session")
+
+
+def redis_key(app: App, tenant: TenantKeys, session_id: str) -> str:
+    return f"{app.settings.redis_key_prefix}s:session:{tenant.tenant.id}:{session_id}"
+
+
+async def new_session(stub: Any, tenant: TenantKeys, agent_id: str, **fields: Any) -> session_pb2.Session:
+    state = fields.pop("state", None)
+    request_id = fields.pop("request_id", "")
+    message = session_pb2.Session(agent_id=agent_id, **fields)
+    if state is not None:
+        message.state.update(state)
+    return await stub.CreateSession(
+        session_service_pb2.CreateSessionRequest(session=message, request_id=request_id), metadata=tenant.md()
+    )
+
+
+async def get(stub: Any, md: Metadata, session_id: str) -> session_pb2.Session:
+    return await stub.GetSession(session_service_pb2.GetSessionRequest(id=session_id), metadata=md)
+
+
+async def update(
+    stub: Any, md: Metadata, session: session_pb2.Session, paths: list[str] | None = None
+) -> session_pb2.Session:
+    request = session_service_pb2.UpdateSessionRequest(session=session)
+    if paths is not None:
+        request.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=paths))
+    return await stub.UpdateSession(request, metadata=md)
+
+
+async def list_ids(stub: Any, md: Metadata, **request: Any) -> list[str]:
+    found: list[str] = []
+    token = ""
+    while True:
+        response = await stub.ListSessions(
+            session_service_pb2.ListSessionsRequest(page_token=token, **request), metadata=md
+        )
+        found.extend(s.id for s in response.sessions)
+        token = response.next_page_token
+        if not token:
+            return found
+
+
+async def row_exists(owner: asyncpg.Connection, session_id: str) -> bool:
+    return bool(await owner.fetchval("SELECT count(*) FROM sessions WHERE id = $1", uuid.UUID(session_id)))
+
+
+async def sleep_until(moment: datetime) -> None:
+    await asyncio.sleep(max(0.0, (moment - datetime.now(UTC)).total_seconds()))
+
+
+@pytest.fixture
+async def agent_id(agents_stub: Any, tenant: TenantKeys) -> str:
+    return (await create_agent(agents_stub, tenant.md())).id
+
+
+# --- CRUD -----------------------------------------------------------------------------------------
+
+
+async def test_create_get_list_update_delete(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id, user_id="u-1", state={"step": "plan", "n": 1})
+    uuid.UUID(created.id)
+    assert created.agent_id == agent_id and created.user_id == "u-1"
+    assert dict(created.state) == {"step": "plan", "n": 1.0}
+    # Default ttl: one hour from creation.
+    assert created.ttl.ToTimedelta() == timedelta(hours=1)
+    assert when(created.expire_time) == when(created.create_time) + timedelta(hours=1)
+    assert created.etag == '"1"'
+
+    assert await get(sessions_stub, tenant.md("reader"), created.id) == created
+    assert await get(sessions_stub, tenant.md("reader") + NO_CACHE, created.id) == created
+    assert await list_ids(sessions_stub, tenant.md("reader")) == [created.id]
+
+    patch = session_pb2.Session(id=created.id, user_id="u-2", etag=created.etag)
+    patch.state.update({"step": "act"})
+    updated = await update(sessions_stub, tenant.md(), patch, ["state", "user_id"])
+    assert updated.user_id == "u-2" and dict(updated.state) == {"step": "act"}
+    assert updated.etag == '"2"' and updated.create_time == created.create_time
+    assert await get(sessions_stub, tenant.md(), created.id) == updated
+
+    await sessions_stub.DeleteSession(
+        session_service_pb2.DeleteSessionRequest(id=created.id, etag=updated.etag), metadata=tenant.md()
+    )
+    for md in (tenant.md(), tenant.md() + NO_CACHE):
+        await expect_error(get(sessions_stub, md, created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert await list_ids(sessions_stub, tenant.md()) == []
+    await expect_error(
+        sessions_stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=created.id), metadata=tenant.md()),
+        S.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+
+
+async def test_request_id_makes_create_idempotent(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
+    request_id = str(uuid.uuid4())
+    first = await new_session(sessions_stub, tenant, agent_id, request_id=request_id)
+    again = await new_session(sessions_stub, tenant, agent_id, request_id=request_id)
+    assert again == first
+    assert await list_ids(sessions_stub, tenant.md()) == [first.id]
+
+
+async def test_state_key_paths_patch_one_key(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id, state={"a": 1, "b": 2, "c": 3})
+    patch = session_pb2.Session(id=created.id)
+    patch.state.update({"a": "new", "z": True})
+    updated = await update(sessions_stub, tenant.md(), patch, ["state.a", "state.b", "state.z"])
+    # a replaced, b removed (absent from the patch), c untouched, z added.
+    assert dict(updated.state) == {"a": "new", "c": 3.0, "z": True}
+    await expect_error(
+        update(sessions_stub, tenant.md(), patch, ["state", "state.a"]), S.INVALID_ARGUMENT, "INVALID_UPDATE_MASK"
+    )
+    for path in ("agent_id", "expire_time", "nope", "state."):
+        await expect_error(update(sessions_stub, tenant.md(), patch, [path]), S.INVALID_ARGUMENT, "INVALID_UPDATE_MASK")
+
+
+async def test_etag_mismatch_aborts(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id)
+    stale = session_pb2.Session(id=created.id, user_id="x", etag='"99"')
+    await expect_error(update(sessions_stub, tenant.md(), stale, ["user_id"]), S.ABORTED, "ETAG_MISMATCH")
+    await expect_error(
+        sessions_stub.DeleteSession(
+            session_service_pb2.DeleteSessionRequest(id=created.id, etag='"99"'), metadata=tenant.md()
+        ),
+        S.ABORTED,
+        "ETAG_MISMATCH",
+    )
+    # Neither write happened.
+    assert await get(sessions_stub, tenant.md() + NO_CACHE, created.id) == created
+
+
+@pytest.mark.parametrize("ttl", [0, 0.5, -5, 30 * 86400 + 1, 365 * 86400])
+async def test_ttl_out_of_bounds_is_invalid(sessions_stub: Any, tenant: TenantKeys, agent_id: str, ttl: float) -> None:
+    await expect_error(
+        new_session(sessions_stub, tenant, agent_id, ttl=seconds(ttl)),
+        S.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        field="session.ttl",
+    )
+    created = await new_session(sessions_stub, tenant, agent_id)
+    patch = session_pb2.Session(id=created.id, ttl=seconds(ttl))
+    await expect_error(
+        update(sessions_stub, tenant.md(), patch, ["ttl"]), S.INVALID_ARGUMENT, "INVALID_FIELD", field="session.ttl"
+    )
+
+
+async def test_ttl_bounds_are_inclusive(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
+    for value in (1, 30 * 86400):
+        created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(value))
+        assert created.ttl.ToTimedelta() == timedelta(seconds=value)
+        assert when(created.expire_time) - when(created.create_time) == timedelta(seconds=value)
+
+
+async def test_create_validates_agent(
+    sessions_stub: Any, agents_stub: Any, tenant: TenantKeys, new_tenant: Any
+) -> None:
+    await expect_error(
+        new_session(sessions_stub, tenant, str(uuid.uuid4())), S.NOT_FOUND, "AGENT_NOT_FOUND", field="session.agent_id"
+    )
+    await expect_error(new_session(sessions_stub, tenant, "nope"), S.INVALID_ARGUMENT, "INVALID_ID")
+    await expect_error(new_session(sessions_stub, tenant, ""), S.INVALID_ARGUMENT, "INVALID_FIELD")
+    other = await new_tenant("other")
+    foreign_agent = await create_agent(agents_stub, other.md())
+    await expect_error(new_session(sessions_stub, tenant, foreign_agent.id), S.NOT_FOUND, "AGENT_NOT_FOUND")
+
+
+async def test_reader_cannot_write(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
+    await expect_error(
+        sessions_stub.CreateSession(
+            session_service_pb2.CreateSessionRequest(session=session_pb2.Session(agent_id=agent_id)),
+            metadata=tenant.md("reader"),
+        ),
+        S.PERMISSION_DENIED,
+        "ROLE_FORBIDDEN",
+    )
+
+
+async def test_other_tenants_sessions_are_invisible(
+    sessions_stub: Any, tenant: TenantKeys, agent_id: str, new_tenant: Any
+) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id)
+    # Warm Redis: the key carries the tenant, so another tenant's read must still miss.
+    await get(sessions_stub, tenant.md(), created.id)
+    other = await new_tenant("other")
+    for md in (other.md(), other.md() + NO_CACHE):
+        await expect_error(get(sessions_stub, md, created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
+    await expect_error(
+        update(sessions_stub, other.md(), session_pb2.Session(id=created.id, user_id="x"), ["user_id"]),
+        S.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+    await expect_error(
+        sessions_stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=created.id), metadata=other.md()),
+        S.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+    assert await list_ids(sessions_stub, other.md()) == []
+    assert await list_ids(sessions_stub, other.md(), agent_id=agent_id) == []
+    assert await get(sessions_stub, tenant.md(), created.id) == created
+
+
+async def test_list_by_agent_filter_order_and_pages(
+    sessions_stub: Any, agents_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    second_agent = (await create_agent(agents_stub, tenant.md())).id
+    mine = [(await new_session(sessions_stub, tenant, agent_id, user_id=f"u{i}", state={"i": i})).id for i in range(5)]
+    theirs = (await new_session(sessions_stub, tenant, second_agent, user_id="u0")).id
+    md = tenant.md("reader")
+    assert await list_ids(sessions_stub, md, page_size=2) == [*mine, theirs]
+    assert await list_ids(sessions_stub, md, agent_id=agent_id, page_size=2) == mine
+    assert await list_ids(sessions_stub, md, agent_id=agent_id, order_by="create_time desc") == mine[::-1]
+    assert await list_ids(sessions_stub, md, filter='user_id = "u0"') == [mine[0], theirs]
+    assert await list_ids(sessions_stub, md, agent_id=agent_id, filter='user_id = "u0"') == [mine[0]]
+    assert await list_ids(sessions_stub, md, filter=f'agent_id = "{second_agent}"') == [theirs]
+    assert await list_ids(sessions_stub, md, filter="state.i = 3") == [mine[3]]
+    # A filter cannot escape the agent_id narrowing.
+    await expect_error(
+        sessions_stub.ListSessions(
+            session_service_pb2.ListSessionsRequest(agent_id=agent_id, filter='user_id = "u0") OR (user_id = "u0"'),
+            metadata=md,
+        ),
+        S.INVALID_ARGUMENT,
+        "INVALID_FILTER",
+    )
+    await expect_error(
+        sessions_stub.ListSessions(session_service_pb2.ListSessionsRequest(agent_id="nope"), metadata=md),
+        S.INVALID_ARGUMENT,
+        "INVALID_ID",
+    )
+    # A page token is bound to its agent_id.
+    first = await sessions_stub.ListSessions(
+        session_service_pb2.ListSessionsRequest(agent_id=agent_id, page_size=2), metadata=md
+    )
+    await expect_error(
+        sessions_stub.ListSessions(
+            session_service_pb2.ListSessionsRequest(page_size=2, page_token=first.next_page_token), metadata=md
+        ),
+        S.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+
+
+async def test_deleting_the_agent_deletes_its_sessions(
+    sessions_stub: Any, agents_stub: Any, tenant: TenantKeys, agent_id: str, owner: asyncpg.Connection
+) -> None:
+    from agentstore.v1 import agent_service_pb2
+
+    created = await new_session(sessions_stub, tenant, agent_id)
+    await agents_stub.DeleteAgent(agent_service_pb2.DeleteAgentRequest(id=agent_id), metadata=tenant.md())
+    assert not await row_exists(owner, created.id)
+    # The cascade bypasses SessionService, yet the copy in Redis (written on create) is not served.
+    for md in (tenant.md(), tenant.md() + NO_CACHE):
+        await expect_error(get(sessions_stub, md, created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
+
+
+# --- expiry ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("no_cache", [False, True], ids=["redis", "no-cache"])
+async def test_session_is_not_found_from_its_expire_time(
+    sessions_stub: Any, tenant: TenantKeys, agent_id: str, owner: asyncpg.Connection, no_cache: bool
+) -> None:
+    md = tenant.md() + (NO_CACHE if no_cache else ())
+    created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(2))
+    expire = when(created.expire_time)
+    assert expire - when(created.create_time) == timedelta(seconds=2)
+
+    await sleep_until(expire - timedelta(milliseconds=300))
+    hits = redis_hits()
+    assert await get(sessions_stub, md, created.id) == created
+    # The read before expiry came from Redis exactly when the cache was not bypassed.
+    assert redis_hits() == hits + (0 if no_cache else 1)
+    assert await list_ids(sessions_stub, md) == [created.id]
+
+    await sleep_until(expire + timedelta(milliseconds=20))
+    await expect_error(get(sessions_stub, md, created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
+    # Not the purge: the row is still there, it is only past its expire_time.
+    assert await row_exists(owner, created.id)
+    assert await list_ids(sessions_stub, md) == []
+    await expect_error(
+        update(sessions_stub, md, session_pb2.Session(id=created.id, user_id="late"), ["user_id"]),
+        S.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+    await expect_error(
+        sessions_stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=created.id), metadata=md),
+        S.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+    assert await row_exists(owner, created.id)
+
+
+async def test_expired_copy_in_redis_is_not_served(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    """Even if Redis still held an expired session (no TTL on the key), the hit is checked."""
+    created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(1))
+    await sleep_until(when(created.expire_time) + timedelta(milliseconds=20))
+    await app.redis.set(redis_key(app, tenant, created.id), b"1:" + created.SerializeToString())
+    await expect_error(get(sessions_stub, tenant.md(), created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
+
+
+async def test_update_extends_expire_time(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(2))
+    await asyncio.sleep(1.2)
+    # An update with nothing set only extends the session's life.
+    touched = await update(sessions_stub, tenant.md(), session_pb2.Session(id=created.id))
+    assert when(touched.expire_time) == when(touched.update_time) + timedelta(seconds=2)
+    assert when(touched.expire_time) >= when(created.expire_time) + timedelta(seconds=1)
+    # Past the original expire_time, the session lives on.
+    await sleep_until(when(created.expire_time) + timedelta(milliseconds=50))
+    assert (await get(sessions_stub, tenant.md(), created.id)).expire_time == touched.expire_time
+    assert (await get(sessions_stub, tenant.md() + NO_CACHE, created.id)).expire_time == touched.expire_time
+
+    # A new ttl in the mask counts from the update.
+    longer = await update(sessions_stub, tenant.md(), session_pb2.Session(id=created.id, ttl=seconds(600)), ["ttl"])
+    assert longer.ttl.ToTimedelta() == timedelta(minutes=10)
+    assert when(longer.expire_time) == when(longer.update_time) + timedelta(minutes=10)
+
+
+# --- Redis ----------------------------------------------------------------------------------------
+
+
+async def test_redis_key_expires_with_the_session(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(120))
+    key = redis_key(app, tenant, created.id)
+    # Written on create, to expire at expire_time (to the millisecond, rounded down).
+    assert await app.redis.pexpiretime(key) == micros(created.expire_time) // 1000
+    pttl = await app.redis.pttl(key)
+    assert 110_000 < pttl <= 120_000
+
+    updated = await update(sessions_stub, tenant.md(), session_pb2.Session(id=created.id, ttl=seconds(300)), ["ttl"])
+    assert await app.redis.pexpiretime(key) == micros(updated.expire_time) // 1000
+    raw = await app.redis.get(key)
+    assert raw == b"2:" + updated.SerializeToString()
+
+    await sessions_stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=created.id), metadata=tenant.md())
+    # A tombstone (newer version, no payload) that no reader of the old row can overwrite.
+    assert await app.redis.get(key) == b"3!"
+
+
+async def test_reads_use_redis_and_survive_its_loss(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id)
+    key = redis_key(app, tenant, created.id)
+    hits, loads = redis_hits(), db_loads()
+    assert await get(sessions_stub, tenant.md(), created.id) == created
+    assert (redis_hits(), db_loads()) == (hits + 1, loads)
+
+    # no-cache goes to PostgreSQL.
+    assert await get(sessions_stub, tenant.md() + NO_CACHE, created.id) == created
+    assert (redis_hits(), db_loads()) == (hits + 1, loads + 1)
+
+    # The key is gone (flushed, evicted): PostgreSQL answers and the key is filled again.
+    await app.redis.delete(key)
+    assert await get(sessions_stub, tenant.md(), created.id) == created
+    assert db_loads() == loads + 2
+    assert await app.redis.exists(key)
+    assert await app.redis.pexpiretime(key) == micros(created.expire_time) // 1000
+    assert await get(sessions_stub, tenant.md(), created.id) == created
+    assert (redis_hits(), db_loads()) == (hits + 2, loads + 2)
+
+
+async def test_a_stale_fill_cannot_overwrite_a_newer_write(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id)
+    updated = await update(sessions_stub, tenant.md(), session_pb2.Session(id=created.id, user_id="new"), ["user_id"])
+    key = redis_key(app, tenant, created.id)
+    # A reader that loaded version 1 before the update tries to fill afterwards: refused.
+    expire_ms = micros(created.expire_time) // 1000
+    applied, _ = await app.sessions._cache._l2.set_if_newer(  # type: ignore[union-attr]
+        key, 1, created.SerializeToString(), expire_at_ms=expire_ms
+    )
+    assert not applied
+    assert await get(sessions_stub, tenant.md(), created.id) == updated
+
+
+# --- purge and audit ------------------------------------------------------------------------------
+
+
+async def test_purge_removes_only_expired_rows(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str, owner: asyncpg.Connection
+) -> None:
+    short = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(1))
+    long = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(3600))
+    assert app.sessions is not None
+    await app.sessions.purge_expired(grace=timedelta(0))
+    assert await row_exists(owner, short.id) and await row_exists(owner, long.id)
+
+    await sleep_until(when(short.expire_time) + timedelta(milliseconds=20))
+    # The periodic job keeps a grace period, so only the explicit grace-free call removes it.
+    purged = await app.sessions.purge_expired(grace=timedelta(0))
+    assert purged >= 1
+    assert not await row_exists(owner, short.id)
+    assert await row_exists(owner, long.id)
+    assert await get(sessions_stub, tenant.md(), long.id) == long
+
+
+async def test_every_mutation_writes_one_audit_row(
+    sessions_stub: Any, tenant: TenantKeys, agent_id: str, owner: asyncpg.Connection
+) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id, state={"k": "v"})
+    await update(sessions_stub, tenant.md(), session_pb2.Session(id=created.id, user_id="u"), ["user_id"])
+    await expect_error(
+        update(sessions_stub, tenant.md(), session_pb2.Session(id=created.id, etag='"9"'), ["user_id"]),
+        S.ABORTED,
+        "ETAG_MISMATCH",
+    )
+    await sessions_stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=created.id), metadata=tenant.md())
+    rows = await owner.fetch(
+        "SELECT action, entity_type, before IS NULL AS no_before, after IS NULL AS no_after, actor_key_id"
+        " FROM audit_logs WHERE tenant_id = $1 AND entity_id = $2 ORDER BY revision",
+        uuid.UUID(tenant.tenant.id),
+        created.id,
+    )
+    assert [(r["action"], r["entity_type"], r["no_before"], r["no_after"]) for r in rows] == [
+        ("session.create", "session", True, False),
+        ("session.update", "session", False, False),
+        ("session.delete", "session", False, True),
+    ]
+    assert {str(r["actor_key_id"]) for r in rows} == {tenant.writer_key_id}
+
+
+async def test_without_redis_everything_is_served_from_postgresql(
+    servers: Servers, database: ScratchDatabase, redis_prefix: str, tenant: TenantKeys, agent_id: str
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    # Nothing listens there: every Redis command fails at once.
+    app = await start_server(server_settings(redis_prefix), database.app_url, f"redis://127.0.0.1:{dead_port}/0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = session_service_pb2_grpc.SessionServiceStub(channel)
+            created = await new_session(stub, tenant, agent_id, ttl=seconds(60))
+            assert await get(stub, tenant.md(), created.id) == created
+            updated = await update(stub, tenant.md(), session_pb2.Session(id=created.id, user_id="u"), ["user_id"])
+            assert await get(stub, tenant.md(), created.id) == updated
+            await stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=created.id), metadata=tenant.md())
+            await expect_error(get(stub, tenant.md(), created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
+    finally:
+        await app.stop(0)
