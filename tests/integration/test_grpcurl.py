@@ -97,3 +97,48 @@ async def test_bad_request_prints_invalid_argument(app: App, tenant: TenantKeys)
     code, _out, err = await grpcurl(app, "agentstore.v1.AgentService/GetAgent", key=tenant.reader, data={"id": "x"})
     assert code != 0
     assert "Code: InvalidArgument" in err, err
+
+
+async def test_task_queue_round_trip_in_json(app: App, tenant: TenantKeys) -> None:
+    """Create, claim (a Duration as "30s") and complete (the int64 token as a JSON string)."""
+    code, out, err = await grpcurl(
+        app,
+        "agentstore.v1.AgentService/CreateAgent",
+        key=tenant.writer,
+        data={"agent": {"name": f"curl-{uuid.uuid4().hex[:8]}", "capabilities": ["python"]}},
+    )
+    assert code == 0, err
+    agent_id = json.loads(out)["id"]
+    code, out, err = await grpcurl(
+        app,
+        "agentstore.v1.TaskService/CreateTask",
+        key=tenant.writer,
+        data={"task": {"title": "index the docs", "priority": 3, "requiredCapabilities": ["python"]}},
+    )
+    assert code == 0, err
+    task_id = json.loads(out)["id"]
+    code, out, err = await grpcurl(
+        app,
+        "agentstore.v1.TaskService/ClaimTask",
+        key=tenant.writer,
+        data={"agentId": agent_id, "leaseDuration": "30s"},
+    )
+    assert code == 0, err
+    claimed = json.loads(out)
+    assert "lease_token" in claimed, out
+    assert claimed["task"]["id"] == task_id and claimed["task"]["status"] == "TASK_STATUS_RUNNING"
+    code, out, err = await grpcurl(
+        app,
+        "agentstore.v1.TaskService/CompleteTask",
+        key=tenant.writer,
+        data={"taskId": task_id, "leaseToken": claimed["lease_token"], "result": {"pages": 12}},
+    )
+    assert code == 0, err
+    assert json.loads(out)["status"] == "TASK_STATUS_SUCCEEDED"
+    code, out, err = await grpcurl(
+        app,
+        "agentstore.v1.TaskService/CompleteTask",
+        key=tenant.writer,
+        data={"taskId": task_id, "leaseToken": claimed["lease_token"]},
+    )
+    assert code != 0 and "LEASE_LOST" in out + err
