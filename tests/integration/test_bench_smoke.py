@@ -2,6 +2,7 @@
 
 No timing assertions: only that the run completes, writes its JSON (and chart), measures every
 runnable scenario without errors and reports the scenarios whose RPCs do not exist as skipped.
+The task scenarios (claim_complete, batch_create_tasks) run agentstore alone, without references.
 Without h2load on the machine the fixed-request scenario falls back to the Python generator, so
 the first test passes either way; the second forces that fallback.
 """
@@ -53,10 +54,10 @@ def check_measured(row: dict[str, Any]) -> None:
 
 def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
     doc = run_bench(
-        servers, tmp_path, "--scenario", "get_uncached", "--scenario", "create", "--scenario", "claim_complete"
+        servers, tmp_path, "--scenario", "get_uncached", "--scenario", "create", "--scenario", "watch_fanout"
     )
     rows = {row["name"]: row for row in doc["scenarios"]}
-    assert list(rows) == ["get_uncached", "create", "claim_complete"]
+    assert list(rows) == ["get_uncached", "create", "watch_fanout"]
     check_measured(rows["get_uncached"])
     check_measured(rows["create"])
     expected = "h2load" if shutil.which("h2load") else "python"
@@ -65,7 +66,7 @@ def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
     assert rows["create"]["generator"] == "python"
     assert rows["get_uncached"]["measurement"]["extra"]["verified"].startswith("GetAgent returned agent")
 
-    skipped = rows["claim_complete"]
+    skipped = rows["watch_fanout"]
     assert skipped["status"] == "skipped"
     assert skipped["rpc_per_s"] is None
     assert any("not exist" in note or "no workload" in note for note in skipped["notes"])
@@ -94,3 +95,38 @@ def test_bench_python_generator_fallback(servers: Servers, tmp_path: Path) -> No
     check_measured(row)
     assert row["generator"] == "python"
     assert row["ratio_vs_echo"] is None
+
+
+def test_bench_task_scenarios(servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(
+        servers,
+        tmp_path,
+        "--scenario", "claim_complete",
+        "--scenario", "batch_create_tasks",
+        "--no-references",
+        "--no-chart",
+    )  # fmt: skip
+    rows = {row["name"]: row for row in doc["scenarios"]}
+    assert list(rows) == ["claim_complete", "batch_create_tasks"]
+    for row in rows.values():
+        check_measured(row)
+        assert row["generator"] == "python"
+        assert row["ratio_vs_echo"] is None and row["ratio_vs_naive"] is None
+        assert any("no TaskService" in note for note in row["notes"]), row["notes"]
+    assert not doc["references"]
+
+    claims = rows["claim_complete"]["measurement"]
+    # One op is one ClaimTask + CompleteTask cycle, timed as one; both calls counted.
+    assert claims["extra"]["ops"] == claims["ok"]
+    assert claims["extra"]["calls"] == {"ClaimTask": claims["ok"], "CompleteTask": claims["ok"]}
+    assert len(claims["extra"]["agents"]) == 8
+    assert claims["extra"]["queue_prefilled_tasks"] > 0
+    assert rows["claim_complete"]["extra"]["cycles_per_s"] == rows["claim_complete"]["rpc_per_s"]
+
+    batches = rows["batch_create_tasks"]
+    assert batches["measurement"]["extra"]["verified"] == "BatchCreateTasks returned 1000 PENDING tasks"
+    assert batches["measurement"]["extra"]["rows"] == 1000 * batches["measurement"]["ok"]
+    assert batches["extra"]["rows_per_s"] > 0
+    assert "rows/s" in batches["notes"][0]
+    assert "claim_complete" in doc["table"] and "batch_create_tasks" in doc["table"]
+    assert not doc["problems"]

@@ -26,15 +26,18 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2
 
 from agentstore.benchmark.stats import Latencies
-from agentstore.v1 import agent_pb2, agent_service_pb2
+from agentstore.v1 import agent_pb2, agent_service_pb2, task_service_pb2
 
 GET_AGENT = "/agentstore.v1.AgentService/GetAgent"
 LIST_AGENTS = "/agentstore.v1.AgentService/ListAgents"
 CREATE_AGENT = "/agentstore.v1.AgentService/CreateAgent"
 UPDATE_AGENT = "/agentstore.v1.AgentService/UpdateAgent"
+BATCH_CREATE_TASKS = "/agentstore.v1.TaskService/BatchCreateTasks"
+CLAIM_TASK = "/agentstore.v1.TaskService/ClaimTask"
+COMPLETE_TASK = "/agentstore.v1.TaskService/CompleteTask"
 
 CALL_TIMEOUT_S = 30.0
 
@@ -58,7 +61,10 @@ class Recorder:
         self.error_sample = ""
         self.recording = False
 
-    async def call(self, name: str, method: grpc.aio.UnaryUnaryMultiCallable, request: Any) -> Any | None:
+    async def call(
+        self, name: str, method: grpc.aio.UnaryUnaryMultiCallable, request: Any, *, timed: bool = True
+    ) -> Any | None:
+        """One call; its latency is kept unless `timed` is false (a step of a cycle timed by `completed`)."""
         start = time.perf_counter()
         try:
             response = await method(request, metadata=self.metadata, timeout=CALL_TIMEOUT_S)
@@ -70,9 +76,15 @@ class Recorder:
                     self.error_sample = f"{name}: {exc.code().name} {exc.details()}"
             return None
         if self.recording:
-            self.latencies.append(time.perf_counter() - start)
+            if timed:
+                self.latencies.append(time.perf_counter() - start)
             self.calls[name] += 1
         return response
+
+    def completed(self, start: float) -> None:
+        """A multi-call operation that began at `start` (perf_counter) succeeded: keep its latency."""
+        if self.recording:
+            self.latencies.append(time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------- workloads
@@ -220,6 +232,83 @@ class MixedZipf(Workload):
     def describe(self) -> str:
         updates = round(self.update_fraction * 100)
         return f"{100 - updates}% GetAgent / {updates}% UpdateAgent, Zipf({self.zipf_s}) over {self.agents} agents"
+
+
+def task_batch(size: int, tag: str) -> bytes:
+    """A serialized BatchCreateTasksRequest of `size` small tasks (no request_id, no capabilities)."""
+    request = task_service_pb2.BatchCreateTasksRequest()
+    for i in range(size):
+        task = request.requests.add().task
+        task.title = f"{tag}-{i}"
+        task.priority = i % 4
+        task.payload.update({"kind": "bench", "n": i})
+    return request.SerializeToString()
+
+
+@dataclass
+class BatchCreate(Workload):
+    """BatchCreateTasks of `batch` small tasks per call: the same pre-serialized request every time.
+
+    No request_id, so every call inserts `batch` fresh rows (ids are server-assigned); the response
+    (the created tasks) is not parsed.
+    """
+
+    batch: int = 1000
+    tag: str = "bench"
+
+    def setup(self, channel: grpc.aio.Channel, worker: int, workers: int, slots: int) -> None:
+        self._call = _raw(channel, BATCH_CREATE_TASKS)
+        self._payload = task_batch(self.batch, f"{self.tag}-w{worker}")
+
+    async def op(self, rec: Recorder, slot: int, seq: int) -> None:
+        await rec.call("BatchCreateTasks", self._call, self._payload)
+
+    def describe(self) -> str:
+        return f"BatchCreateTasks of {self.batch} tasks"
+
+
+@dataclass
+class ClaimComplete(Workload):
+    """ClaimTask then CompleteTask with its lease token: one operation, timed as one cycle.
+
+    Every in-flight slot of every worker is one agent of `agent_ids` (so the generator must run
+    exactly len(agent_ids) slots in total). A claim that finds the queue empty (NOT_FOUND) or a
+    completion that lost its lease counts as one error; a cycle's latency is kept only when both
+    calls succeeded.
+    """
+
+    agent_ids: tuple[str, ...] = ()
+    lease_seconds: int = 60
+
+    def setup(self, channel: grpc.aio.Channel, worker: int, workers: int, slots: int) -> None:
+        self._claim = _raw(channel, CLAIM_TASK, task_service_pb2.ClaimTaskResponse.FromString)
+        self._complete = _raw(channel, COMPLETE_TASK)
+        first = worker * slots
+        if first + slots > len(self.agent_ids):
+            raise ValueError(f"{workers} workers x {slots} slots need more than {len(self.agent_ids)} agents")
+        lease = duration_pb2.Duration(seconds=self.lease_seconds)
+        self._claims = [
+            task_service_pb2.ClaimTaskRequest(
+                agent_id=self.agent_ids[first + slot], lease_duration=lease
+            ).SerializeToString()
+            for slot in range(slots)
+        ]
+        self._result = struct_pb2.Struct()
+        self._result.update({"ok": True, "worker": worker})
+
+    async def op(self, rec: Recorder, slot: int, seq: int) -> None:
+        start = time.perf_counter()
+        claimed = await rec.call("ClaimTask", self._claim, self._claims[slot], timed=False)
+        if claimed is None:
+            return
+        request = task_service_pb2.CompleteTaskRequest(
+            task_id=claimed.task.id, lease_token=claimed.lease_token, result=self._result
+        )
+        if await rec.call("CompleteTask", self._complete, request.SerializeToString(), timed=False) is not None:
+            rec.completed(start)
+
+    def describe(self) -> str:
+        return f"ClaimTask then CompleteTask, {len(self.agent_ids)} agents (one op = one cycle)"
 
 
 # ------------------------------------------------------------------------------------ the worker

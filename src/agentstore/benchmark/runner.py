@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import secrets
 import shutil
@@ -45,8 +46,12 @@ from agentstore.benchmark.environment import (
 )
 from agentstore.benchmark.options import Options
 from agentstore.benchmark.pyload import (
+    BATCH_CREATE_TASKS,
+    CREATE_AGENT,
     GET_AGENT,
     LIST_AGENTS,
+    BatchCreate,
+    ClaimComplete,
     CreateUnique,
     FixedRequest,
     MixedZipf,
@@ -54,12 +59,21 @@ from agentstore.benchmark.pyload import (
     Workload,
     agent_id,
     run_python_load,
+    task_batch,
 )
 from agentstore.benchmark.report import Reference, ScenarioResult, write_report
 from agentstore.benchmark.scenarios import SCENARIOS, skip_reason
 from agentstore.benchmark.stats import Measurement, Usage
 from agentstore.config import Settings
-from agentstore.v1 import agent_pb2, agent_service_pb2, tenant_pb2, tenant_service_pb2, tenant_service_pb2_grpc
+from agentstore.v1 import (
+    agent_pb2,
+    agent_service_pb2,
+    task_pb2,
+    task_service_pb2,
+    tenant_pb2,
+    tenant_service_pb2,
+    tenant_service_pb2_grpc,
+)
 
 LIST_FILTER = 'status = IDLE AND capabilities:"python"'
 LIST_PAGE = 50
@@ -80,6 +94,20 @@ CACHE_MODES: dict[str, dict[str, str]] = {
     },
 }
 NAIVE_INDEX = "bench_naive_agents_by_id"
+# The task scenarios: tasks per BatchCreateTasks, and the ClaimTask → CompleteTask workers.
+TASK_BATCH = 1000
+CLAIM_WORKERS = 8
+# A 1,000-row batch holds a database connection for 100+ ms: with connections x streams (32) of
+# them in flight the server's pool (10) runs dry (RESOURCE_EXHAUSTED) and nothing is gained.
+BATCH_INFLIGHT = 4
+# claim_complete fills the queue with this many tasks per second of run (warm-up included)
+# before it starts; a refiller tops it up while the run goes on if it drops below a third.
+QUEUE_TASKS_PER_SECOND = 1000
+QUEUE_POLL_S = 0.25
+TASKS_ONLY_NOTE = "agentstore only: the reference servers have no TaskService, so no ratios"
+PENDING_TASKS = """
+SELECT count(*) FROM tasks WHERE tenant_id = $1::uuid AND status = 'PENDING' AND required_capabilities = '{}'
+"""
 
 SEED_AGENTS = """
 INSERT INTO agents (tenant_id, id, name, role, kind, status, capabilities, metadata, last_heartbeat_time,
@@ -603,6 +631,8 @@ class Bench:
         rpc: str,
         requests: int | None = None,
         headers: tuple[tuple[str, str], ...] = (),
+        inflight: int | None = None,
+        processes: int | None = None,
     ) -> Measurement:
         before = await asyncio.to_thread(server.metrics)
         sampler = UsageSampler(server.pid, [srv.pid for srv in self.servers])
@@ -611,8 +641,8 @@ class Bench:
                 server.address,
                 [*self.metadata, *headers],
                 workload,
-                processes=self.processes,
-                inflight_total=self.inflight,
+                processes=processes or self.processes,
+                inflight_total=inflight or self.inflight,
                 duration=None if requests is not None else self.opts.duration,
                 requests=requests,
                 warmup=0 if requests is not None else self.opts.warmup,
@@ -721,6 +751,10 @@ class Bench:
                 await self._python_scenario(result, CreateUnique(tag=f"bench-{self.tag}"), "CreateAgent", {})
             elif name == "update_etag":
                 await self._update_etag(result)
+            elif name == "claim_complete":
+                await self._claim_complete(result)
+            elif name == "batch_create_tasks":
+                await self._batch_create_tasks(result)
             elif name == "mixed":
                 await self._mixed(result)
             elif name == "memory":
@@ -813,6 +847,151 @@ class Bench:
         result.naive = await self.reference("naive", "mixed", result.name, workload=workload)
         if self.opts.agents != 100_000:
             result.notes.append(f"over {self.opts.agents:,} agents")
+
+    # -- task scenarios (agentstore only: neither reference server has a TaskService)
+
+    async def _batch_create(self, channel: grpc.aio.Channel, payload: bytes) -> int:
+        """One BatchCreateTasks; checks the answer and returns how many PENDING tasks it created."""
+        try:
+            raw = await channel.unary_unary(BATCH_CREATE_TASKS)(payload, metadata=self.metadata, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            raise VerificationError(f"BatchCreateTasks failed: {exc.code().name} {exc.details()}") from None
+        created = task_service_pb2.BatchCreateTasksResponse.FromString(raw).tasks
+        expected = len(task_service_pb2.BatchCreateTasksRequest.FromString(payload).requests)
+        if len(created) != expected or any(t.status != task_pb2.TASK_STATUS_PENDING or not t.id for t in created):
+            raise VerificationError(f"BatchCreateTasks answered wrongly: {len(created)} tasks for {expected} creates")
+        return len(created)
+
+    async def _batch_create_tasks(self, result: ScenarioResult) -> None:
+        workload = BatchCreate(batch=TASK_BATCH, tag=f"bench-{self.tag}-batch")
+        inflight = min(self.inflight, BATCH_INFLIGHT)
+
+        async def run(server: Server) -> Measurement:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                created = await self._batch_create(channel, task_batch(TASK_BATCH, f"bench-{self.tag}-verify"))
+            m = await self.measure_python(server, workload, rpc="BatchCreateTasks", inflight=inflight)
+            rows = m.ok * TASK_BATCH  # all of a batch or none of it
+            m.extra.update(
+                {
+                    "verified": f"BatchCreateTasks returned {created} PENDING tasks",
+                    "rows_per_rpc": TASK_BATCH,
+                    "rows": rows,
+                    "rows_per_s": rows / m.duration_s if m.duration_s else 0.0,
+                }
+            )
+            return m
+
+        await self._agentstore_measure(result, {}, run)
+        assert result.measurement is not None
+        rows_per_s = result.measurement.extra["rows_per_s"]
+        result.extra["rows_per_s"] = rows_per_s
+        result.notes.insert(
+            0, f"{rows_per_s:,.0f} rows/s ({TASK_BATCH:,} tasks per RPC, no request_id; {inflight} RPCs in flight)"
+        )
+        result.notes.append(TASKS_ONLY_NOTE)
+
+    async def _claim_agents(self, server: Server) -> list[str]:
+        """CLAIM_WORKERS IDLE agents without capabilities, created through the server under test."""
+        ids: list[str] = []
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            create = channel.unary_unary(CREATE_AGENT, response_deserializer=agent_pb2.Agent.FromString)
+            for i in range(CLAIM_WORKERS):
+                agent = agent_pb2.Agent(
+                    name=f"bench-{self.tag}-claimer-{i}-{uuid.uuid4().hex[:6]}",
+                    role="worker",
+                    kind="bench-claim",
+                    status=agent_pb2.AGENT_STATUS_IDLE,
+                )
+                request = agent_service_pb2.CreateAgentRequest(agent=agent, request_id=str(uuid.uuid4()))
+                try:
+                    created = await create(request.SerializeToString(), metadata=self.metadata, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    raise VerificationError(f"CreateAgent failed: {exc.code().name} {exc.details()}") from None
+                ids.append(created.id)
+        return ids
+
+    async def _pending_tasks(self, con: asyncpg.Connection) -> int:
+        return int(await con.fetchval(PENDING_TASKS, self.tenant_id))
+
+    async def _fill_queue(self, channel: grpc.aio.Channel, con: asyncpg.Connection, target: int, payload: bytes) -> int:
+        """BatchCreateTasks until at least `target` claimable tasks wait; returns how many were added."""
+        added = 0
+        missing = target - await self._pending_tasks(con)
+        while added < missing:
+            added += await self._batch_create(channel, payload)
+        return added
+
+    async def _measure_claims(self, server: Server, agents: list[str], processes: int) -> Measurement:
+        assert self.db is not None
+        target = max(2, math.ceil(self.opts.duration + self.opts.warmup)) * QUEUE_TASKS_PER_SECOND
+        payload = task_batch(TASK_BATCH, f"bench-{self.tag}-queue")
+        con = await asyncpg.connect(self.db.owner_url)
+        # The tables force row-level security: the owner reads inside the bench tenant.
+        await con.execute("SELECT set_config('agentstore.tenant_id', $1, false)", self.tenant_id)
+        refilled = 0
+        stop = asyncio.Event()
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                prefilled = await self._fill_queue(channel, con, target, payload)
+                pending_before = await self._pending_tasks(con)
+
+                async def refill() -> None:
+                    nonlocal refilled
+                    while not stop.is_set():
+                        if await self._pending_tasks(con) < target // 3:
+                            refilled += await self._fill_queue(channel, con, target // 2, payload)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), QUEUE_POLL_S)
+
+                refiller = asyncio.create_task(refill())
+                try:
+                    m = await self.measure_python(
+                        server,
+                        ClaimComplete(agent_ids=tuple(agents)),
+                        rpc="ClaimTask+CompleteTask",
+                        inflight=len(agents),
+                        processes=processes,
+                    )
+                finally:
+                    stop.set()
+                    await refiller
+            pending_after = await self._pending_tasks(con)
+        finally:
+            await con.close()
+        m.extra.update(
+            {
+                "cycles_per_s": m.rpc_per_s,
+                "rpc_per_s_both_calls": 2 * m.rpc_per_s,
+                "agents": agents,
+                "queue_prefilled_tasks": prefilled,
+                "queue_pending_before": pending_before,
+                "queue_refilled_tasks": refilled,
+                "queue_pending_after": pending_after,
+            }
+        )
+        if refilled:
+            m.notes.append(f"queue refilled with {refilled:,} tasks during the run (BatchCreateTasks)")
+        return m
+
+    async def _claim_complete(self, result: ScenarioResult) -> None:
+        # Every generator slot is one agent: the processes must divide the workers evenly.
+        processes = max(p for p in range(1, CLAIM_WORKERS + 1) if CLAIM_WORKERS % p == 0 and p <= self.processes)
+        agents: list[str] = []
+
+        async def run(server: Server) -> Measurement:
+            if not agents:
+                agents.extend(await self._claim_agents(server))
+            return await self._measure_claims(server, agents, processes)
+
+        await self._agentstore_measure(result, {}, run)
+        assert result.measurement is not None
+        result.extra["cycles_per_s"] = result.measurement.rpc_per_s
+        result.notes.insert(
+            0,
+            f"RPC/s = cycles/s, latency = one ClaimTask + CompleteTask cycle; {CLAIM_WORKERS} agents, "
+            f"one in-flight cycle each ({processes} processes)",
+        )
+        result.notes.append(TASKS_ONLY_NOTE)
 
     async def _memory(self, result: ScenarioResult) -> None:
         first, second = self.opts.memory_requests

@@ -27,11 +27,13 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("update_etag", "GetAgent then UpdateAgent with its etag; every slot owns its agents"),
         Scenario(
             "claim_complete",
-            "ClaimTask then CompleteTask, 8 workers",
+            "ClaimTask then CompleteTask with its lease token, 8 agents, one cycle in flight each",
             (("TaskService", "ClaimTask"), ("TaskService", "CompleteTask")),
         ),
         Scenario(
-            "batch_create_tasks", "BatchCreateTasks of 1,000 tasks (rows/s too)", (("TaskService", "BatchCreateTasks"),)
+            "batch_create_tasks",
+            "BatchCreateTasks of 1,000 small tasks per call (rows/s too)",
+            (("TaskService", "BatchCreateTasks"),),
         ),
         Scenario("mixed", "90% GetAgent / 10% UpdateAgent over 100,000 agents, keys Zipf(1.1); also vs naive"),
         Scenario("watch_fanout", "WatchEvents to 50 watchers", (("EventService", "WatchEvents"),)),
@@ -46,7 +48,18 @@ SCENARIOS: dict[str, Scenario] = {
 DEFAULT_SCENARIOS = [s.name for s in SCENARIOS.values() if s.default]
 
 # Scenarios whose RPCs exist but for which this harness has no workload yet.
-IMPLEMENTED = {"get_l1", "get_l2", "get_uncached", "list_filtered", "create", "update_etag", "mixed", "memory"}
+IMPLEMENTED = {
+    "get_l1",
+    "get_l2",
+    "get_uncached",
+    "list_filtered",
+    "create",
+    "update_etag",
+    "claim_complete",
+    "batch_create_tasks",
+    "mixed",
+    "memory",
+}
 
 
 def _methods() -> dict[str, set[str]]:
