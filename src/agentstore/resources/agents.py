@@ -32,6 +32,7 @@ from agentstore.resources.common import (
     repeated_message_bytes,
     struct_to_json,
     to_timestamp,
+    update_mask_paths,
     write_audit,
 )
 from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
@@ -193,28 +194,8 @@ def merge_for_update(stored: agent_pb2.Agent, patch: agent_pb2.Agent, paths: Seq
 
 def update_paths(request: agent_service_pb2.UpdateAgentRequest) -> list[str]:
     """The fields to write: the mask's, `*` for all, or (no mask) every field set in the agent."""
-    agent = request.agent
-    if not request.HasField("update_mask") or not request.update_mask.paths:
-        return [f.name for f, _ in agent.ListFields() if f.name in UPDATABLE]
-    if "*" in request.update_mask.paths:
-        if len(request.update_mask.paths) > 1:
-            raise invalid_argument(
-                "INVALID_UPDATE_MASK", "`*` must be the only path", [("update_mask", "`*` must be the only path")]
-            )
-        return list(UPDATABLE)
-    paths: list[str] = []
-    for path in request.update_mask.paths:
-        if path in OUTPUT_ONLY:
-            raise invalid_argument(
-                "INVALID_UPDATE_MASK", f"{path} is output only", [("update_mask", f"{path} is output only")]
-            )
-        if path not in UPDATABLE:
-            raise invalid_argument(
-                "INVALID_UPDATE_MASK", f"unknown field {path!r}", [("update_mask", f"unknown field {path!r}")]
-            )
-        if path not in paths:
-            paths.append(path)
-    return paths
+    mask = request.update_mask if request.HasField("update_mask") else None
+    return update_mask_paths(request.agent, mask, UPDATABLE, OUTPUT_ONLY)
 
 
 class AgentService(agent_service_pb2_grpc.AgentServiceServicer):

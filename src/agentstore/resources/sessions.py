@@ -42,6 +42,7 @@ from agentstore.resources.common import (
     parse_request_id,
     struct_to_json,
     to_timestamp,
+    update_mask_paths,
     write_audit,
 )
 from agentstore.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
@@ -184,34 +185,18 @@ def column_values(session: session_pb2.Session) -> list[Any]:
     return [session.user_id, struct_to_json(session.state, "session.state"), ttl]
 
 
-def _bad_mask(message: str) -> Exception:
-    return invalid_argument("INVALID_UPDATE_MASK", message, [("update_mask", message)])
-
-
 def update_paths(request: session_service_pb2.UpdateSessionRequest) -> list[str]:
     """The fields to write: the mask's, `*` for all, or (no mask) every field set in the session."""
-    session = request.session
-    if not request.HasField("update_mask") or not request.update_mask.paths:
-        return [f.name for f, _ in session.ListFields() if f.name in UPDATABLE]
-    if "*" in request.update_mask.paths:
-        if len(request.update_mask.paths) > 1:
-            raise _bad_mask("`*` must be the only path")
-        return list(UPDATABLE)
-    paths: list[str] = []
-    for path in request.update_mask.paths:
-        if path in OUTPUT_ONLY:
-            raise _bad_mask(f"{path} is output only")
-        if path in IMMUTABLE:
-            raise _bad_mask(f"{path} cannot be changed")
-        if path.startswith(STATE_KEY_PREFIX):
-            if len(path) == len(STATE_KEY_PREFIX):
-                raise _bad_mask("state. needs a key after the dot")
-        elif path not in UPDATABLE:
-            raise _bad_mask(f"unknown field {path!r}")
-        if path not in paths:
-            paths.append(path)
+    mask = request.update_mask if request.HasField("update_mask") else None
+    paths = update_mask_paths(
+        request.session, mask, UPDATABLE, OUTPUT_ONLY, immutable=IMMUTABLE, key_prefixes=(STATE_KEY_PREFIX,)
+    )
     if "state" in paths and any(p.startswith(STATE_KEY_PREFIX) for p in paths):
-        raise _bad_mask("state and state.<key> paths cannot be combined")
+        raise invalid_argument(
+            "INVALID_UPDATE_MASK",
+            "state and state.<key> paths cannot be combined",
+            [("update_mask", "state and state.<key> paths cannot be combined")],
+        )
     return paths
 
 

@@ -47,6 +47,7 @@ from agentstore.resources.common import (
     parse_request_id,
     struct_to_json,
     to_timestamp,
+    update_mask_paths,
     write_audits,
 )
 from agentstore.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -387,28 +388,8 @@ def lease_of(duration: duration_pb2.Duration, field: str, present: bool) -> time
 
 
 def update_paths(request: task_service_pb2.UpdateTaskRequest) -> list[str]:
-    task = request.task
-    if not request.HasField("update_mask") or not request.update_mask.paths:
-        return [f.name for f, _ in task.ListFields() if f.name in UPDATABLE]
-    if "*" in request.update_mask.paths:
-        if len(request.update_mask.paths) > 1:
-            raise invalid_argument(
-                "INVALID_UPDATE_MASK", "`*` must be the only path", [("update_mask", "`*` must be the only path")]
-            )
-        return list(UPDATABLE)
-    paths: list[str] = []
-    for path in request.update_mask.paths:
-        if path in OUTPUT_ONLY:
-            raise invalid_argument(
-                "INVALID_UPDATE_MASK", f"{path} is output only", [("update_mask", f"{path} is output only")]
-            )
-        if path not in UPDATABLE:
-            raise invalid_argument(
-                "INVALID_UPDATE_MASK", f"unknown field {path!r}", [("update_mask", f"unknown field {path!r}")]
-            )
-        if path not in paths:
-            paths.append(path)
-    return paths
+    mask = request.update_mask if request.HasField("update_mask") else None
+    return update_mask_paths(request.task, mask, UPDATABLE, OUTPUT_ONLY)
 
 
 def merge_for_update(stored: task_pb2.Task, patch: task_pb2.Task, paths: Sequence[str]) -> task_pb2.Task:
