@@ -33,8 +33,9 @@ CREATE TABLE tasks (
                               || setweight(to_tsvector('english', description), 'B')
                           ) STORED,
     PRIMARY KEY (tenant_id, id),
-    -- A deleted agent's running task keeps running until its lease expires, then goes back to the queue.
-    FOREIGN KEY (tenant_id, assigned_agent_id) REFERENCES agents (tenant_id, id) ON DELETE SET NULL (assigned_agent_id),
+    -- No foreign key to agents on purpose: the task keeps naming the agent that last held it
+    -- (history), and a cascade would change cached task rows without bumping their version.
+    -- A deleted agent's running task runs until its lease expires, then goes back to the queue.
     CHECK (status <> 'RUNNING' OR lease_expire_time IS NOT NULL)
 );
 -- ClaimTask walks this in order: highest priority, then oldest.

@@ -314,6 +314,15 @@ async def start_server(settings: Settings, database_url: str, redis_url: str) ->
     l1 = L1Cache(settings.cache_l1_max_entries, settings.cache_l1_ttl_seconds)
     l2 = L2Cache(redis_client, settings.cache_l2_ttl_seconds)
     caches = {"agent": EntityCache("agent", l1, l2, bus, circuit, settings.redis_key_prefix)}
+    # Each kind has its own L1, so one kind's churn (tasks change on every claim) cannot evict another's.
+    caches["task"] = EntityCache(
+        "task",
+        L1Cache(settings.cache_l1_max_entries, settings.cache_l1_ttl_seconds),
+        l2,
+        bus,
+        circuit,
+        settings.redis_key_prefix,
+    )
     leaderboard = Leaderboard(redis_client, circuit, db, settings.redis_key_prefix)
     sessions = SessionService(db, codec, SessionCache(l2, circuit, settings.redis_key_prefix), caches["agent"])
 
@@ -335,7 +344,13 @@ async def start_server(settings: Settings, database_url: str, redis_url: str) ->
     )
     interceptor.register(server, session_service_pb2_grpc.add_SessionServiceServicer_to_server, sessions)
     task_service = TaskService(
-        db, codec, caches["agent"], bus, on_completion=award_for_completion, after_completion=leaderboard.awarded
+        db,
+        codec,
+        caches["agent"],
+        bus,
+        task_cache=caches["task"],
+        on_completion=award_for_completion,
+        after_completion=leaderboard.awarded,
     )
     interceptor.register(server, task_service_pb2_grpc.add_TaskServiceServicer_to_server, task_service)
     interceptor.register(

@@ -21,7 +21,14 @@ from prometheus_client import REGISTRY
 
 from agentstore.embedded import EmbeddedRedis, free_port
 from agentstore.server import App, start_server
-from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
+from agentstore.v1 import (
+    agent_pb2,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+)
 from tests.conftest import ScratchDatabase, Servers
 from tests.integration import conftest as itc
 from tests.integration.helpers import Metadata, create_agent, expect_error, unique
@@ -33,8 +40,8 @@ def counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def version_of(agent: agent_pb2.Agent) -> int:
-    return int(agent.etag.strip('"'))
+def version_of(resource: agent_pb2.Agent | task_pb2.Task) -> int:
+    return int(resource.etag.strip('"'))
 
 
 async def rename(stub: agent_service_pb2_grpc.AgentServiceStub, md: Metadata, agent_id: str) -> agent_pb2.Agent:
@@ -272,6 +279,103 @@ async def test_update_via_a_then_get_via_b_is_never_stale(
             if version_of(seen) < version_of(updated):
                 stale += 1
         assert stale == 0, f"{stale} stale reads"
+
+
+async def test_task_queue_writes_via_a_are_never_stale_via_b(
+    two_servers: list[tuple[int, subprocess.Popen[bytes]]], new_tenant
+) -> None:
+    """Claim, renew, complete, fail and cancel on A; GetTask on B right after each must not be older."""
+    for port, proc in two_servers:
+        await _wait_serving(port, proc)
+    (port_a, _), (port_b, _) = two_servers
+    tenant = await new_tenant("ryw-tasks")
+    md = tenant.md()
+    rng = random.Random(20261122)
+    lease = task_service_pb2.ClaimTaskRequest().lease_duration
+    lease.FromSeconds(60)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port_a}") as ach,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as bch,
+    ):
+        a, b = task_service_pb2_grpc.TaskServiceStub(ach), task_service_pb2_grpc.TaskServiceStub(bch)
+        worker = await create_agent(agent_service_pb2_grpc.AgentServiceStub(ach), md)
+
+        async def get_b(task_id: str) -> task_pb2.Task:
+            return await b.GetTask(task_service_pb2.GetTaskRequest(id=task_id), metadata=md)
+
+        stale = checks = 0
+        for _ in range(150):
+            task = await a.CreateTask(
+                task_service_pb2.CreateTaskRequest(task=task_pb2.Task(title=unique("t"), max_attempts=5)), metadata=md
+            )
+            await get_b(task.id)  # B caches the PENDING version
+            claimed = await a.ClaimTask(
+                task_service_pb2.ClaimTaskRequest(agent_id=worker.id, lease_duration=lease), metadata=md
+            )
+            written: list[task_pb2.Task] = [claimed.task]
+            if rng.random() < 0.5:
+                await get_b(claimed.task.id)
+                written.append(
+                    await a.RenewTaskLease(
+                        task_service_pb2.RenewTaskLeaseRequest(
+                            task_id=claimed.task.id, lease_token=claimed.lease_token, lease_duration=lease
+                        ),
+                        metadata=md,
+                    )
+                )
+            await get_b(claimed.task.id)
+            end = rng.random()
+            if end < 0.6:
+                written.append(
+                    await a.CompleteTask(
+                        task_service_pb2.CompleteTaskRequest(task_id=claimed.task.id, lease_token=claimed.lease_token),
+                        metadata=md,
+                    )
+                )
+            elif end < 0.8:
+                written.append(
+                    await a.FailTask(
+                        task_service_pb2.FailTaskRequest(
+                            task_id=claimed.task.id, lease_token=claimed.lease_token, error="x", retryable=False
+                        ),
+                        metadata=md,
+                    )
+                )
+            else:
+                written.append(
+                    await a.UpdateTask(
+                        task_service_pb2.UpdateTaskRequest(
+                            task=task_pb2.Task(id=claimed.task.id, status=task_pb2.TASK_STATUS_CANCELLED),
+                            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+                        ),
+                        metadata=md,
+                    )
+                )
+            seen = await get_b(claimed.task.id)
+            checks += 1
+            if version_of(seen) < version_of(written[-1]) or seen.status != written[-1].status:
+                stale += 1
+        assert checks == 150 and stale == 0, f"{stale} stale reads"
+
+
+async def test_get_task_is_served_from_l1_after_a_write(app: App, channel, tenant) -> None:
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    md = tenant.md()
+    task = await stub.CreateTask(task_service_pb2.CreateTaskRequest(task=task_pb2.Task(title="cached")), metadata=md)
+    first = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id), metadata=md)  # load and fill
+    loads = counter("agentstore_db_loads_total", kind="task")
+    hits = counter("agentstore_cache_hits_total", kind="task", tier="l1")
+    assert await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id), metadata=md) == first
+    assert counter("agentstore_cache_hits_total", kind="task", tier="l1") == hits + 1
+    assert counter("agentstore_db_loads_total", kind="task") == loads
+    await stub.DeleteTask(task_service_pb2.DeleteTaskRequest(id=task.id), metadata=md)
+    await expect_error(
+        stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id), metadata=md),
+        grpc.StatusCode.NOT_FOUND,
+        "TASK_NOT_FOUND",
+    )
+    key = (uuid.UUID(tenant.tenant.id), uuid.UUID(task.id))
+    assert await app.caches["task"].peek(key) == (None, None)
 
 
 # --- Redis killed mid-load, then restarted -------------------------------------------------------

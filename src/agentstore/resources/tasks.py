@@ -27,9 +27,10 @@ import asyncpg
 import grpc
 from google.protobuf import duration_pb2, empty_pb2
 
+from agentstore import metrics
 from agentstore.cache.bus import InvalidationBus, Subscriber
-from agentstore.cache.entity import EntityCache
-from agentstore.context import Principal, Role, current_principal, current_request
+from agentstore.cache.entity import EntityCache, Loaded
+from agentstore.context import Principal, Role, cache_bypassed, current_principal, current_request
 from agentstore.db import Database, Record
 from agentstore.errors import ApiError, etag_mismatch, invalid_argument, invalid_field, not_found
 from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
@@ -458,6 +459,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         page_tokens: PageTokenCodec,
         agent_cache: EntityCache,
         bus: InvalidationBus,
+        task_cache: EntityCache | None = None,
         on_completion: CompletionHook | None = None,
         after_completion: Callable[[uuid.UUID, Any], Awaitable[None]] | None = None,
     ) -> None:
@@ -465,6 +467,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self._page_tokens = page_tokens
         self._agent_cache = agent_cache
         self._bus = bus
+        # GetTask reads through it; every write below replaces the entry after commit.
+        self._task_cache = task_cache
         # Achievements: awarded inside CompleteTask's transaction, published after its commit.
         self._on_completion = on_completion
         self._after_completion = after_completion
@@ -515,6 +519,13 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             agent = agents_module.agent_from_row(after)
             await self._agent_cache.written((tenant, after["id"]), after["version"], agent.SerializeToString())
 
+    async def _task_written(self, tenant: uuid.UUID, row: Record) -> task_pb2.Task:
+        """After commit: the response, and the task cache tiers replaced with it."""
+        task = task_from_row(row)
+        if self._task_cache is not None:
+            await self._task_cache.written((tenant, row["id"]), row["version"], task.SerializeToString())
+        return task
+
     async def _ready(self, tenant: uuid.UUID) -> None:
         """After commit: a task may be claimable. Wakes local waiters now, others through Redis."""
         self._waiters.wake(tenant)
@@ -538,13 +549,24 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
 
     # --- standard methods -----------------------------------------------------------------------
 
-    async def GetTask(self, request: task_service_pb2.GetTaskRequest, context: Any) -> task_pb2.Task:
+    # Answers wire bytes (cached or freshly encoded); the server's serializer passes them through.
+    async def GetTask(self, request: task_service_pb2.GetTaskRequest, context: Any) -> bytes:  # type: ignore[override]
         tenant = current_principal().tenant_id
         task_id = parse_id(request.id)
-        row = await self._db.run(lambda con: con.fetchrow(GET_TASK, tenant, task_id), tenant, readonly=True)
-        if row is None:
+
+        async def load() -> Loaded:
+            row = await self._db.run(lambda con: con.fetchrow(GET_TASK, tenant, task_id), tenant, readonly=True)
+            metrics.DB_LOADS.labels(ENTITY).inc()
+            return (row["version"], task_from_row(row).SerializeToString()) if row is not None else None
+
+        if self._task_cache is None or cache_bypassed():
+            loaded = await load()
+            payload = loaded[1] if loaded is not None else None
+        else:
+            payload = await self._task_cache.get((tenant, task_id), load)
+        if payload is None:
             raise task_not_found(task_id)
-        return task_from_row(row)
+        return payload
 
     async def ListTasks(
         self, request: task_service_pb2.ListTasksRequest, context: Any
@@ -724,14 +746,14 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
 
         row, changes = await self._db.run(update, tenant)
         await self._published(tenant, changes)
-        return task_from_row(row)
+        return await self._task_written(tenant, row)
 
     async def DeleteTask(self, request: task_service_pb2.DeleteTaskRequest, context: Any) -> empty_pb2.Empty:
         principal = current_principal()
         tenant = principal.tenant_id
         task_id = parse_id(request.id)
 
-        async def delete(con: asyncpg.Connection) -> list[AgentChange]:
+        async def delete(con: asyncpg.Connection) -> tuple[int, list[AgentChange]]:
             row = await con.fetchrow(GET_TASK_FOR_UPDATE, tenant, task_id)
             if row is None:
                 raise task_not_found(task_id)
@@ -746,9 +768,13 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 tenant,
                 [("task.delete", ENTITY, task_id, task_from_row(row), None), *self._agent_audits(changes)],
             )
-            return changes
+            return row["version"], changes
 
-        await self._published(tenant, await self._db.run(delete, tenant))
+        version, changes = await self._db.run(delete, tenant)
+        await self._published(tenant, changes)
+        if self._task_cache is not None:
+            # A tombstone one version past the deleted row: no reader can put the old row back.
+            await self._task_cache.written((tenant, task_id), version + 1, None)
         return empty_pb2.Empty()
 
     # --- the queue ------------------------------------------------------------------------------
@@ -791,7 +817,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             if claimed is not None:
                 row, changes = claimed
                 await self._published(tenant, changes)
-                return task_service_pb2.ClaimTaskResponse(task=task_from_row(row), lease_token=row["lease_token"])
+                task = await self._task_written(tenant, row)
+                return task_service_pb2.ClaimTaskResponse(task=task, lease_token=row["lease_token"])
             left = give_up - time.monotonic()
             if not request.wait or left <= 0.05:
                 raise not_found("NO_TASK_AVAILABLE", "no PENDING task this agent can do")
@@ -814,7 +841,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             )
             return updated
 
-        return task_from_row(await self._db.run(renew, tenant))
+        return await self._task_written(tenant, await self._db.run(renew, tenant))
 
     async def CompleteTask(self, request: task_service_pb2.CompleteTaskRequest, context: Any) -> task_pb2.Task:
         principal = current_principal()
@@ -849,9 +876,10 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
 
         row, changes, awards = await self._db.run(complete, tenant)
         await self._published(tenant, changes)
+        task = await self._task_written(tenant, row)
         if awards and self._after_completion is not None:
             await self._after_completion(tenant, awards)
-        return task_from_row(row)
+        return task
 
     async def FailTask(self, request: task_service_pb2.FailTaskRequest, context: Any) -> task_pb2.Task:
         principal = current_principal()
@@ -877,9 +905,10 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
 
         row, changes = await self._db.run(fail, tenant)
         await self._published(tenant, changes)
+        task = await self._task_written(tenant, row)
         if row["status"] == "PENDING":
             await self._ready(tenant)
-        return task_from_row(row)
+        return task
 
     # --- lease expiry ---------------------------------------------------------------------------
 
@@ -905,6 +934,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
 
         rows, changes = await self._db.run(expire, tenant)
         await self._published(tenant, changes)
+        for row in rows:
+            await self._task_written(tenant, row)
         if any(r["status"] == "PENDING" for r in rows):
             await self._ready(tenant)
         return len(rows)
