@@ -324,7 +324,7 @@ async def start_server(settings: Settings, database_url: str, redis_url: str) ->
         settings.redis_key_prefix,
     )
     leaderboard = Leaderboard(redis_client, circuit, db, settings.redis_key_prefix)
-    sessions = SessionService(db, codec, SessionCache(l2, circuit, settings.redis_key_prefix), caches["agent"])
+    sessions = SessionService(db, codec, SessionCache(settings, l2, bus, circuit), caches["agent"])
 
     interceptor = ApiInterceptor(authenticator, settings)
     server = grpc.aio.server(

@@ -1,15 +1,18 @@
 """SessionService end to end: real gRPC channel, real PostgreSQL, real Redis. No mocks.
 
 Expiry is exact: a session answers NOT_FOUND from its expire_time on, while its row still exists
-(the purge only reclaims space later), whether the read goes through Redis or not.
+(the purge only reclaims space later), whether the read is served by L1, by Redis (L2) or by
+PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
+import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +22,13 @@ import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from prometheus_client import REGISTRY
 
+from agentstore.cache.entity import Key
+from agentstore.embedded import free_port
 from agentstore.server import App, start_server
-from agentstore.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
+from agentstore.v1 import agent_service_pb2_grpc, session_pb2, session_service_pb2, session_service_pb2_grpc
 from tests.integration.conftest import TenantKeys, server_settings
 from tests.integration.helpers import Metadata, create_agent, expect_error
+from tests.integration.test_cache import _serve, _stop, _wait_serving
 
 if TYPE_CHECKING:
     from tests.conftest import ScratchDatabase, Servers
@@ -62,8 +68,16 @@ def counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def redis_hits() -> float:
-    return counter("agentstore_cache_hits_total", kind="session", tier="l2")
+def hits(tier: str) -> float:
+    return counter("agentstore_cache_hits_total", kind="session", tier=tier)
+
+
+def misses(tier: str) -> float:
+    return counter("agentstore_cache_misses_total", kind="session", tier=tier)
+
+
+def cache_hits() -> float:
+    return hits("l1") + hits("l2")
 
 
 def db_loads() -> float:
@@ -71,7 +85,28 @@ def db_loads() -> float:
 
 
 def redis_key(app: App, tenant: TenantKeys, session_id: str) -> str:
-    return f"{app.settings.redis_key_prefix}s:session:{tenant.tenant.id}:{session_id}"
+    return f"{app.settings.redis_key_prefix}c:session:{tenant.tenant.id}:{session_id}"
+
+
+def cache_key(tenant: TenantKeys, session_id: str) -> Key:
+    return (uuid.UUID(tenant.tenant.id), uuid.UUID(session_id))
+
+
+def session_cache(app: App) -> Any:
+    assert app.sessions is not None
+    return app.sessions._cache
+
+
+def version_of(session: session_pb2.Session) -> int:
+    return int(session.etag.strip('"'))
+
+
+async def wait_subscribed(app: App) -> None:
+    for _ in range(200):
+        if app.bus.connected:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("invalidation bus did not subscribe")
 
 
 async def new_session(stub: Any, tenant: TenantKeys, agent_id: str, **fields: Any) -> session_pb2.Session:
@@ -317,7 +352,8 @@ async def test_deleting_the_agent_deletes_its_sessions(
     created = await new_session(sessions_stub, tenant, agent_id)
     await agents_stub.DeleteAgent(agent_service_pb2.DeleteAgentRequest(id=agent_id), metadata=tenant.md())
     assert not await row_exists(owner, created.id)
-    # The cascade bypasses SessionService, yet the copy in Redis (written on create) is not served.
+    # The cascade bypasses SessionService, yet the copies in L1 and Redis (written on create) are not
+    # served.
     for md in (tenant.md(), tenant.md() + NO_CACHE):
         await expect_error(get(sessions_stub, md, created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
 
@@ -335,14 +371,17 @@ async def test_session_is_not_found_from_its_expire_time(
     assert expire - when(created.create_time) == timedelta(seconds=2)
 
     await sleep_until(expire - timedelta(milliseconds=300))
-    hits = redis_hits()
+    before = cache_hits()
     assert await get(sessions_stub, md, created.id) == created
-    # The read before expiry came from Redis exactly when the cache was not bypassed.
-    assert redis_hits() == hits + (0 if no_cache else 1)
+    # The read before expiry came from a cache tier exactly when the cache was not bypassed.
+    assert cache_hits() == before + (0 if no_cache else 1)
     assert await list_ids(sessions_stub, md) == [created.id]
 
     await sleep_until(expire + timedelta(milliseconds=20))
+    before = cache_hits()
     await expect_error(get(sessions_stub, md, created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
+    # The expired copy still in L1 was not served: it counts as a miss, PostgreSQL decided.
+    assert cache_hits() == before
     # Not the purge: the row is still there, it is only past its expire_time.
     assert await row_exists(owner, created.id)
     assert await list_ids(sessions_stub, md) == []
@@ -365,8 +404,44 @@ async def test_expired_copy_in_redis_is_not_served(
     """Even if Redis still held an expired session (no TTL on the key), the hit is checked."""
     created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(1))
     await sleep_until(when(created.expire_time) + timedelta(milliseconds=20))
+    session_cache(app)._l1.drop(cache_key(tenant, created.id))
     await app.redis.set(redis_key(app, tenant, created.id), b"1:" + created.SerializeToString())
+    l2_misses = misses("l2")
     await expect_error(get(sessions_stub, tenant.md(), created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert misses("l2") == l2_misses + 1
+    # Nor copied into L1.
+    assert session_cache(app)._l1.entry(cache_key(tenant, created.id)) is None
+
+
+async def test_cached_copies_are_served_until_their_own_expire_time(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    """Every L1 and L2 hit checks the cached Session's expire_time; past it, PostgreSQL decides."""
+    created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(60))
+    key = cache_key(tenant, created.id)
+    cache = session_cache(app)
+    # A (forged) newer copy in both tiers whose expire_time is 200 ms away.
+    forged = session_pb2.Session()
+    forged.CopyFrom(created)
+    soon = datetime.now(UTC) + timedelta(milliseconds=200)
+    forged.expire_time.FromDatetime(soon)
+    forged.etag = '"7"'
+    payload = forged.SerializeToString()
+    assert cache._l1.put_if_newer(key, 7, payload)
+    await app.redis.set(redis_key(app, tenant, created.id), b"7:" + payload)
+    assert await get(sessions_stub, tenant.md(), created.id) == forged
+    cache._l1.drop(key)
+    assert await get(sessions_stub, tenant.md(), created.id) == forged  # from L2, back into L1
+    assert cache._l1.entry(key) is not None
+
+    await sleep_until(soon + timedelta(microseconds=1))
+    loads = db_loads()
+    # L1's copy is over: a miss; so is L2's; PostgreSQL's (older, live) row answers, and cannot
+    # replace the newer copies (the tiers stay set-if-newer), so each read goes on asking it.
+    assert await get(sessions_stub, tenant.md(), created.id) == created
+    cache._l1.drop(key)
+    assert await get(sessions_stub, tenant.md(), created.id) == created
+    assert db_loads() == loads + 2
 
 
 async def test_update_extends_expire_time(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
@@ -410,27 +485,54 @@ async def test_redis_key_expires_with_the_session(
     assert await app.redis.get(key) == b"3!"
 
 
-async def test_reads_use_redis_and_survive_its_loss(
+async def test_reads_go_through_l1_then_redis_then_postgresql(
     app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
 ) -> None:
+    await wait_subscribed(app)
     created = await new_session(sessions_stub, tenant, agent_id)
     key = redis_key(app, tenant, created.id)
-    hits, loads = redis_hits(), db_loads()
+    cache = session_cache(app)
+
+    def counts() -> tuple[float, float, float]:
+        return hits("l1"), hits("l2"), db_loads()
+
+    l1, l2, loads = counts()
+    # The create put the new version in L1.
     assert await get(sessions_stub, tenant.md(), created.id) == created
-    assert (redis_hits(), db_loads()) == (hits + 1, loads)
+    assert counts() == (l1 + 1, l2, loads)
+    assert await cache.peek(cache_key(tenant, created.id)) == (1, 1)
 
     # no-cache goes to PostgreSQL.
     assert await get(sessions_stub, tenant.md() + NO_CACHE, created.id) == created
-    assert (redis_hits(), db_loads()) == (hits + 1, loads + 1)
+    assert counts() == (l1 + 1, l2, loads + 1)
 
-    # The key is gone (flushed, evicted): PostgreSQL answers and the key is filled again.
-    await app.redis.delete(key)
+    # Not in L1 (another process, evicted): Redis answers and L1 takes it.
+    cache._l1.drop(cache_key(tenant, created.id))
     assert await get(sessions_stub, tenant.md(), created.id) == created
-    assert db_loads() == loads + 2
+    assert counts() == (l1 + 1, l2 + 1, loads + 1)
+    assert await get(sessions_stub, tenant.md(), created.id) == created
+    assert counts() == (l1 + 2, l2 + 1, loads + 1)
+
+    # In neither tier (flushed, evicted): PostgreSQL answers and both tiers are filled again.
+    await cache.forget(cache_key(tenant, created.id))
+    assert await get(sessions_stub, tenant.md(), created.id) == created
+    assert counts() == (l1 + 2, l2 + 1, loads + 2)
     assert await app.redis.exists(key)
     assert await app.redis.pexpiretime(key) == micros(created.expire_time) // 1000
     assert await get(sessions_stub, tenant.md(), created.id) == created
-    assert (redis_hits(), db_loads()) == (hits + 2, loads + 2)
+    assert counts() == (l1 + 3, l2 + 1, loads + 2)
+
+
+async def test_single_flight_one_query_for_50_concurrent_cold_gets(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    created = await new_session(sessions_stub, tenant, agent_id)
+    await get(sessions_stub, tenant.md(), created.id)  # warm the principal and the agent caches
+    await session_cache(app).forget(cache_key(tenant, created.id))
+    loads = db_loads()
+    results = await asyncio.gather(*(get(sessions_stub, tenant.md(), created.id) for _ in range(50)))
+    assert all(r == created for r in results)
+    assert db_loads() == loads + 1
 
 
 async def test_a_stale_fill_cannot_overwrite_a_newer_write(
@@ -441,10 +543,41 @@ async def test_a_stale_fill_cannot_overwrite_a_newer_write(
     key = redis_key(app, tenant, created.id)
     # A reader that loaded version 1 before the update tries to fill afterwards: refused.
     expire_ms = micros(created.expire_time) // 1000
-    applied, _ = await app.sessions._cache._l2.set_if_newer(  # type: ignore[union-attr]
-        key, 1, created.SerializeToString(), expire_at_ms=expire_ms
-    )
+    cache = session_cache(app)
+    applied, _ = await cache._l2.set_if_newer(key, 1, created.SerializeToString(), expire_at_ms=expire_ms)
     assert not applied
+    assert not cache._l1.put_if_newer(cache_key(tenant, created.id), 1, created.SerializeToString())
+    assert await get(sessions_stub, tenant.md(), created.id) == updated
+
+
+async def test_stale_set_race_leaves_no_stale_entry(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    """A reader loads v1 from PostgreSQL and waits; v2 commits; then the reader fills the tiers."""
+    await wait_subscribed(app)
+    created = await new_session(sessions_stub, tenant, agent_id)
+    key = cache_key(tenant, created.id)
+    cache = session_cache(app)
+    await get(sessions_stub, tenant.md(), created.id)  # warm the principal and the agent caches
+    await cache.forget(key)
+    read_done, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_: object) -> None:
+        read_done.set()
+        await release.wait()
+
+    cache.before_fill = hold
+    try:
+        stale_get = asyncio.create_task(get(sessions_stub, tenant.md(), created.id))
+        await asyncio.wait_for(read_done.wait(), 5)
+        updated = await update(
+            sessions_stub, tenant.md(), session_pb2.Session(id=created.id, user_id="new"), ["user_id"]
+        )
+        release.set()
+        assert await stale_get == created  # it read before the commit: fine to answer v1
+    finally:
+        cache.before_fill = None
+    assert await cache.peek(key) == (2, 2)
     assert await get(sessions_stub, tenant.md(), created.id) == updated
 
 
@@ -513,3 +646,55 @@ async def test_without_redis_everything_is_served_from_postgresql(
             await expect_error(get(stub, tenant.md(), created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
     finally:
         await app.stop(0)
+
+
+# --- two server processes: read-your-writes across processes ----------------------------------
+
+
+@pytest.fixture(params=["l1+l2", "l1-only"])
+def two_servers(
+    request: pytest.FixtureRequest, servers: Servers, database: ScratchDatabase, redis_prefix: str
+) -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
+    env = {"AGENTSTORE_CACHE_L2_TTL_SECONDS": "0"} if request.param == "l1-only" else {}
+    ports = (free_port(), free_port())
+    procs = [_serve(database, servers.redis_url, redis_prefix, port, **env) for port in ports]
+    try:
+        yield list(zip(ports, procs, strict=True))
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+async def test_update_via_a_then_get_via_b_is_never_stale(
+    two_servers: list[tuple[int, subprocess.Popen[bytes]]], tenant: TenantKeys
+) -> None:
+    for port, proc in two_servers:
+        await _wait_serving(port, proc)
+    (port_a, _), (port_b, _) = two_servers
+    rng = random.Random(20261122)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port_a}") as ach,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as bch,
+    ):
+        a, b = session_service_pb2_grpc.SessionServiceStub(ach), session_service_pb2_grpc.SessionServiceStub(bch)
+        agent_id = (await create_agent(agent_service_pb2_grpc.AgentServiceStub(ach), tenant.md())).id
+        sessions = [await new_session(a, tenant, agent_id, ttl=seconds(600)) for _ in range(8)]
+        stale = 0
+        for _ in range(400):
+            target = rng.choice(sessions)
+            if rng.random() < 0.8:
+                await get(b, tenant.md(), target.id)  # B's L1 now likely holds the current version
+            if rng.random() < 0.3:
+                await get(a, tenant.md(), target.id)
+            patch = session_pb2.Session(id=target.id, user_id=uuid.uuid4().hex, ttl=seconds(rng.randint(60, 900)))
+            updated = await update(a, tenant.md(), patch, ["user_id", "ttl"])
+            seen = await get(b, tenant.md(), target.id)
+            if seen != updated:
+                stale += 1
+        assert stale == 0, f"{stale} stale reads"
+
+        # A deletion via A is NOT_FOUND via B at once, though B had it cached.
+        for session in sessions:
+            await get(b, tenant.md(), session.id)
+            await a.DeleteSession(session_service_pb2.DeleteSessionRequest(id=session.id), metadata=tenant.md())
+            await expect_error(get(b, tenant.md(), session.id), S.NOT_FOUND, "SESSION_NOT_FOUND")

@@ -4,12 +4,17 @@ Reads: L1 (only while the invalidation bus is subscribed) → L2 (while Redis is
 single-flight load from PostgreSQL, whose result fills both tiers only if nothing newer is known.
 Writes (after commit): L2 is replaced by the new version (or a tombstone) and the invalidation is
 published in the same Redis round trip; this process's L1 takes the new bytes directly.
+
+An entity with a lifetime of its own (a session) passes `expires`: each entry then leaves L2 at
+that instant (PXAT instead of the cache TTL), and a cached copy whose instant has passed is a miss
+in either tier, checked to the microsecond on every hit, so the loader (PostgreSQL) decides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -24,6 +29,12 @@ log = logging.getLogger(__name__)
 # (version, wire bytes) of one row, or None when there is no such row.
 Loaded = tuple[int, bytes] | None
 Key = tuple[uuid.UUID, uuid.UUID]  # (tenant, id)
+# The Unix time in microseconds at which cached wire bytes stop being valid; None: no end of their own.
+Expiry = Callable[[bytes], int | None]
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
 
 class EntityCache:
@@ -35,8 +46,10 @@ class EntityCache:
         bus: InvalidationBus,
         circuit: RedisCircuit,
         key_prefix: str,
+        expires: Expiry | None = None,
     ) -> None:
         self.kind = kind
+        self._expires = expires
         self._l1 = l1
         self._l2 = l2
         self._bus = bus
@@ -65,11 +78,24 @@ class EntityCache:
     def _l2_usable(self) -> bool:
         return self._l2.enabled and self._circuit.available and not self._unflushed
 
+    def _live(self, payload: bytes) -> bool:
+        """Whether cached bytes may still be served (always, without `expires`)."""
+        if self._expires is None:
+            return True
+        end = self._expires(payload)
+        return end is None or end > _now_us()
+
+    def _expire_at_ms(self, payload: bytes | None, expires_us: int | None) -> int | None:
+        """The L2 PXAT of an entry (floored to the ms: never past its end), or None for the cache TTL."""
+        if expires_us is None and payload is not None and self._expires is not None:
+            expires_us = self._expires(payload)
+        return expires_us // 1000 if expires_us is not None else None
+
     async def get(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> bytes | None:
         """The entity's wire bytes, or None when it does not exist."""
         if self._l1_usable():
             payload = self._l1.get(key)
-            if payload is not None:
+            if payload is not None and self._live(payload):
                 self._hits_l1.inc()
                 return payload
             self._misses_l1.inc()
@@ -111,7 +137,7 @@ class EntityCache:
         except Exception as exc:
             self._circuit.failed(exc)
             return None
-        if entry is None or entry.payload is None:
+        if entry is None or entry.payload is None or not self._live(entry.payload):
             self._misses_l2.inc()
             return None
         self._hits_l2.inc()
@@ -122,9 +148,12 @@ class EntityCache:
     async def _fill(self, key: Key, version: int, payload: bytes) -> None:
         if self.before_fill is not None:
             await self.before_fill(key)
+        expire_at_ms = self._expire_at_ms(payload, None)
+        if expire_at_ms is not None and expire_at_ms <= _now_us() // 1000:
+            return  # already over: nothing to cache
         if self._l2_usable():
             try:
-                applied, _ = await self._l2.set_if_newer(self.l2_key(key), version, payload)
+                applied, _ = await self._l2.set_if_newer(self.l2_key(key), version, payload, expire_at_ms=expire_at_ms)
             except Exception as exc:
                 self._circuit.failed(exc)
             else:
@@ -144,7 +173,7 @@ class EntityCache:
         l1 = self._l1_usable()
         for key in keys:
             payload = self._l1.get(key) if l1 else None
-            if payload is not None:
+            if payload is not None and self._live(payload):
                 self._hits_l1.inc()
                 found[key] = payload
             else:
@@ -159,7 +188,7 @@ class EntityCache:
             else:
                 still: list[Key] = []
                 for key, entry in zip(missing, entries, strict=True):
-                    if entry is not None and entry.payload is not None:
+                    if entry is not None and entry.payload is not None and self._live(entry.payload):
                         self._hits_l2.inc()
                         found[key] = entry.payload
                         if l1:
@@ -175,8 +204,12 @@ class EntityCache:
                 await self._fill(key, version, payload)
         return found
 
-    async def written(self, key: Key, version: int, payload: bytes | None) -> None:
-        """After commit: the entity is now at `version` (payload None: deleted at version - 1)."""
+    async def written(self, key: Key, version: int, payload: bytes | None, *, expires_us: int | None = None) -> None:
+        """After commit: the entity is now at `version` (payload None: deleted at version - 1).
+
+        `expires_us` (Unix µs) overrides when the L2 entry ends, e.g. a tombstone kept until the
+        deleted entity would have ended; without it, `expires` of the payload, else the cache TTL.
+        """
         # A flight that started before the commit may carry the old row: later readers must not join it.
         self._inflight.pop(key, None)
         if payload is not None and self._l1.enabled:
@@ -191,10 +224,14 @@ class EntityCache:
             if not await self._bus.publish(self.kind, f"{key[0]}:{key[1]}:{version}"):
                 self._circuit.failed(ConnectionError("invalidation not published"))
             return
+        expire_at_ms = self._expire_at_ms(payload, expires_us)
+        if expire_at_ms is not None:
+            # Already over: keep the entry (and its version) for a moment; reads see it as a miss.
+            expire_at_ms = max(expire_at_ms, _now_us() // 1000 + 1)
         sequence, message = self._bus.envelope(self.kind, f"{key[0]}:{key[1]}:{version}")
         try:
             _, receivers = await self._l2.set_if_newer(
-                l2_key, version, payload, channel=self._bus.channel, message=message
+                l2_key, version, payload, channel=self._bus.channel, message=message, expire_at_ms=expire_at_ms
             )
         except Exception as exc:
             self._bus.forget(sequence)

@@ -1,5 +1,5 @@
-"""Sessions: SQL, row → proto, the Redis copy that expires with the session, the SessionService
-servicer, and the purge of expired rows.
+"""Sessions: SQL, row → proto, the two-tier cache (L1, then Redis) whose entries expire with the
+session, the SessionService servicer, and the purge of expired rows.
 
 A session is gone from the instant its expire_time passes: every statement checks
 `expire_time > now()`, so the purge only reclaims space and never decides visibility.
@@ -17,13 +17,16 @@ from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf import duration_pb2, empty_pb2
+from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
 
 from agentstore import metrics
+from agentstore.cache.bus import InvalidationBus
 from agentstore.cache.entity import EntityCache, Loaded
+from agentstore.cache.l1 import L1Cache
 from agentstore.cache.l2 import L2Cache
 from agentstore.cache.outage import RedisCircuit
+from agentstore.config import Settings
 from agentstore.context import cache_bypassed, current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
 from agentstore.errors import etag_mismatch, invalid_argument, invalid_field, not_found
@@ -237,91 +240,24 @@ def with_agent(filter: str, agent_id: uuid.UUID | None) -> str:
     return f"{narrowed} AND ({filter})" if filter.strip() else narrowed
 
 
-class SessionCache:
-    """Sessions in Redis (key `<prefix>s:session:<tenant>:<id>`) until exactly their expire_time.
+class SessionCache(EntityCache):
+    """Sessions read through L1 → L2 (key `<prefix>c:session:<tenant>:<id>`) → PostgreSQL.
 
-    Values are L2 entries (`<version>:<Session bytes>`) written set-if-newer, so a reader that
-    loaded an older row cannot overwrite a newer one or a deletion's tombstone. PostgreSQL is
-    the truth: any Redis failure means a read from PostgreSQL, and a post-commit write that may
-    have missed Redis keeps this process off Redis until the key is deleted.
+    An EntityCache of its own kind with its own L1, sharing L2, the invalidation bus and the Redis
+    circuit: versioned set-if-newer fills, single-flight, writes invalidated in every process
+    before they return. Each entry ends at its session's expire_time: L2 keys expire then
+    (PXAT), and a copy whose expire_time has passed is a miss in either tier (to the microsecond).
     """
 
-    def __init__(self, l2: L2Cache, circuit: RedisCircuit, key_prefix: str) -> None:
-        self._l2 = l2
-        self._circuit = circuit
-        self._prefix = f"{key_prefix}s:session:"
-        self._unflushed: set[str] = set()
-        circuit.on_recovery.append(self._flush_unflushed)
-        self._hits = metrics.CACHE_HITS.labels(ENTITY, "l2")
-        self._misses = metrics.CACHE_MISSES.labels(ENTITY, "l2")
+    def __init__(self, settings: Settings, l2: L2Cache, bus: InvalidationBus, circuit: RedisCircuit) -> None:
+        l1 = L1Cache(settings.cache_l1_max_entries, settings.cache_l1_ttl_seconds)
+        super().__init__(ENTITY, l1, l2, bus, circuit, settings.redis_key_prefix, expires=session_expiry)
 
-    def key(self, tenant: uuid.UUID, session_id: uuid.UUID) -> str:
-        return f"{self._prefix}{tenant}:{session_id}"
 
-    def _usable(self) -> bool:
-        return self._l2.enabled and self._circuit.available and not self._unflushed
-
-    async def get(self, tenant: uuid.UUID, session_id: uuid.UUID) -> tuple[bytes, session_pb2.Session] | None:
-        """The cached Session, as wire bytes and decoded, or None (a miss: ask PostgreSQL)."""
-        if not self._usable():
-            return None
-        try:
-            entry = await self._l2.get(self.key(tenant, session_id))
-        except Exception as exc:
-            self._circuit.failed(exc)
-            return None
-        payload = entry.payload if entry is not None else None
-        session = _decoded(payload) if payload is not None else None
-        if payload is None or session is None or _expired(session):
-            # Redis drops the key at expire_time to the millisecond; the check above is exact
-            # to the microsecond, and an expired copy is left to PostgreSQL to judge.
-            self._misses.inc()
-            return None
-        self._hits.inc()
-        return payload, session
-
-    async def fill(self, tenant: uuid.UUID, session_id: uuid.UUID, row: Record, payload: bytes) -> None:
-        """After a read from PostgreSQL: cache it, unless Redis knows a newer version."""
-        if not self._usable():
-            return
-        try:
-            applied = await self._set(self.key(tenant, session_id), row["version"], payload, row["expire_time"])
-        except Exception as exc:
-            self._circuit.failed(exc)
-            return
-        if not applied:
-            metrics.CACHE_STALE_SETS_REJECTED.labels(ENTITY, "l2").inc()
-
-    async def written(self, tenant: uuid.UUID, row: Record, payload: bytes | None) -> None:
-        """After commit: Redis holds the new version (payload None: a tombstone one past the
-        deleted row's version, kept until the deleted row would have expired)."""
-        key = self.key(tenant, row["id"])
-        if not self._l2.enabled:
-            return
-        if not self._circuit.available:
-            self._unflushed.add(key)
-            return
-        version = row["version"] if payload is not None else row["version"] + 1
-        try:
-            await self._set(key, version, payload, row["expire_time"])
-        except Exception as exc:
-            self._unflushed.add(key)
-            self._circuit.failed(exc)
-
-    async def _set(self, key: str, version: int, payload: bytes | None, expire_time: datetime) -> bool:
-        # Floor to the millisecond: Redis never holds a session past its expire_time.
-        expire_ms = epoch_micros(expire_time) // 1000
-        if expire_ms <= time.time_ns() // 1_000_000:
-            return True  # already expired: nothing to cache
-        applied, _ = await self._l2.set_if_newer(key, version, payload, expire_at_ms=expire_ms)
-        return applied
-
-    async def _flush_unflushed(self) -> None:
-        """Before Redis is trusted again, delete what may have missed a post-commit write."""
-        if self._unflushed:
-            keys = list(self._unflushed)
-            await self._l2.delete(keys)
-            self._unflushed.difference_update(keys)
+def session_expiry(payload: bytes) -> int:
+    """When cached Session bytes stop being valid, in Unix µs; bytes this server did not write: now."""
+    session = _decoded(payload)
+    return _micros(session.expire_time) if session is not None else 0
 
 
 def _decoded(payload: bytes) -> session_pb2.Session | None:
@@ -331,9 +267,12 @@ def _decoded(payload: bytes) -> session_pb2.Session | None:
         return None  # not something this server wrote: ask PostgreSQL
 
 
+def _micros(moment: timestamp_pb2.Timestamp) -> int:
+    return moment.seconds * 1_000_000 + moment.nanos // 1000
+
+
 def _expired(session: session_pb2.Session) -> bool:
-    expire = session.expire_time
-    return expire.seconds * 1_000_000 + expire.nanos // 1000 <= time.time_ns() // 1000
+    return _micros(session.expire_time) <= time.time_ns() // 1000
 
 
 class SessionService(session_service_pb2_grpc.SessionServiceServicer):
@@ -356,9 +295,14 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         return await self._agents.get((tenant, agent_id), load) is not None
 
     async def _written(self, tenant: uuid.UUID, row: Record) -> session_pb2.Session:
-        """After commit: the response, and the Redis copy replaced with it."""
+        """After commit: the response, and both cache tiers (in every process) replaced with it."""
         session = session_from_row(row)
-        await self._cache.written(tenant, row, session.SerializeToString())
+        await self._cache.written(
+            (tenant, row["id"]),
+            row["version"],
+            session.SerializeToString(),
+            expires_us=epoch_micros(row["expire_time"]),
+        )
         return session
 
     # Answers wire bytes (cached or freshly encoded); the server's serializer passes them through.
@@ -367,18 +311,30 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
     ) -> bytes:
         tenant = current_principal().tenant_id
         session_id = parse_id(request.id)
-        bypass = cache_bypassed()
-        if not bypass:
-            cached = await self._cache.get(tenant, session_id)
-            if cached is not None and await self._agent_exists(tenant, uuid.UUID(cached[1].agent_id)):
-                return cached[0]
-        row = await self._db.run(lambda con: con.fetchrow(GET_SESSION, tenant, session_id), tenant, readonly=True)
-        metrics.DB_LOADS.labels(ENTITY).inc()
-        if row is None:
+        queried = False
+
+        async def load() -> Loaded:
+            nonlocal queried
+            queried = True
+            row = await self._db.run(lambda con: con.fetchrow(GET_SESSION, tenant, session_id), tenant, readonly=True)
+            metrics.DB_LOADS.labels(ENTITY).inc()
+            return (row["version"], session_from_row(row).SerializeToString()) if row is not None else None
+
+        if cache_bypassed():
+            loaded = await load()
+            payload = loaded[1] if loaded is not None else None
+        else:
+            payload = await self._cache.get((tenant, session_id), load)
+        if payload is None:
             raise session_not_found(session_id)
-        payload = session_from_row(row).SerializeToString()
-        if not bypass:
-            await self._cache.fill(tenant, session_id, row, payload)
+        session = _decoded(payload)
+        # The cache already treats an expired copy as a miss; this also catches a row that
+        # expired on its way here, so NOT_FOUND holds from the very microsecond of expiry.
+        if session is None or _expired(session):
+            raise session_not_found(session_id)
+        # A copy from a cache tier may outlive its agent: DeleteAgent cascades in PostgreSQL only.
+        if not queried and not await self._agent_exists(tenant, uuid.UUID(session.agent_id)):
+            raise session_not_found(session_id)
         return payload
 
     async def ListSessions(
@@ -473,7 +429,10 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
             return row
 
         row = await self._db.run(delete, tenant)
-        await self._cache.written(tenant, row, None)
+        # A tombstone one past the deleted version, kept until the session would have expired.
+        await self._cache.written(
+            (tenant, session_id), row["version"] + 1, None, expires_us=epoch_micros(row["expire_time"])
+        )
         return empty_pb2.Empty()
 
     # --- the purge of expired rows ----------------------------------------------------------
