@@ -66,6 +66,21 @@ def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
     assert rows["create"]["generator"] == "python"
     assert rows["get_uncached"]["measurement"]["extra"]["verified"].startswith("GetAgent returned agent")
 
+    # The second, rate-limited run at half the saturated RPC/s (h2load --rps): present, never timed here.
+    half = rows["get_uncached"]["half_saturation"]
+    assert half is not None
+    assert half["target_rpc_per_s"] == pytest.approx(rows["get_uncached"]["rpc_per_s"] / 2)
+    if expected == "h2load":
+        assert half["status"] == "ok", half
+        assert half["errors"] == 0, half
+        assert half["p50_ms"] is not None and half["p99_ms"] is not None, half
+        assert "--rps=" in half["measurement"]["extra"]["h2load_command"]
+        assert any(note.startswith("p99 at half saturation") for note in rows["get_uncached"]["notes"])
+        assert "at half saturation" in doc["table"]
+    else:
+        assert half["status"] == "skipped", half
+    assert rows["create"]["half_saturation"] is None
+
     skipped = rows["watch_fanout"]
     assert skipped["status"] == "skipped"
     assert skipped["rpc_per_s"] is None
@@ -78,6 +93,9 @@ def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
     assert rows["create"]["echo_reference"] in refs
     for ref in refs.values():
         assert ref["status"] == "ok", ref
+        if ref["workload"] == "GetAgent" and expected == "h2load":
+            assert ref["half_saturation"]["status"] == "ok", ref["half_saturation"]
+            assert ref["half_saturation"]["p99_ms"] is not None
         assert ref["measurement"]["errors"] == 0, ref
         assert ref["measurement"]["rpc_per_s"] > 0, ref
     assert rows["get_uncached"]["ratio_vs_echo"] > 0
@@ -95,6 +113,9 @@ def test_bench_python_generator_fallback(servers: Servers, tmp_path: Path) -> No
     check_measured(row)
     assert row["generator"] == "python"
     assert row["ratio_vs_echo"] is None
+    # The Python generator cannot limit its rate: the half-saturation run is skipped, and says so.
+    assert row["half_saturation"]["status"] == "skipped"
+    assert "h2load" in row["half_saturation"]["error"]
 
 
 def test_bench_task_scenarios(servers: Servers, tmp_path: Path) -> None:

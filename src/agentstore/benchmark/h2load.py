@@ -133,8 +133,17 @@ def build_command(
     duration: float | None = None,
     warmup: float | None = None,
     requests: int | None = None,
+    rps_per_connection: float | None = None,
 ) -> list[str]:
+    """The h2load command line; `rps_per_connection` rate-limits every connection (h2load --rps).
+
+    h2load's --rps is per client, i.e. per connection (-c): the total rate is connections x rps.
+    """
     cmd = [binary, "-c", str(connections), "-m", str(streams), "-t", str(max(1, min(threads, connections)))]
+    if rps_per_connection is not None:
+        if rps_per_connection <= 0:
+            raise ValueError("rps_per_connection must be positive")
+        cmd.append(f"--rps={rps_per_connection:.3f}")
     if duration is not None:
         # h2load takes whole numbers with a unit (10s, 200ms), not fractions.
         cmd += ["-D", f"{max(1, round(duration * 1000))}ms"]

@@ -40,6 +40,7 @@ class Options:
     memory_requests: tuple[int, int]
     chart: bool
     noise_retries: int
+    half_rate: bool = True
 
 
 def _positive_int(text: str) -> int:
@@ -141,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="repeat a run up to N times while other work used over 20%% CPU during it (default 2)",
     )
+    parser.add_argument(
+        "--no-half-rate",
+        dest="half_rate",
+        action="store_false",
+        help="skip the second, rate-limited h2load run of the get_* scenarios at half their saturated RPC/s "
+        "(p50/p95/p99 at half saturation; on by default, one extra run per scenario and reference)",
+    )
     return parser
 
 
@@ -174,4 +182,5 @@ def parse_options(argv: Sequence[str]) -> Options:
         memory_requests=args.memory_requests,
         chart=args.chart,
         noise_retries=max(0, args.noise_retries),
+        half_rate=args.half_rate,
     )

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentstore.benchmark.stats import Measurement
+from agentstore.benchmark.stats import HALF_RATE_FRACTION, HALF_RATE_P99_BAR_MS, HalfRate, Measurement
 
 if TYPE_CHECKING:
     from agentstore.benchmark.runner import Bench
@@ -31,6 +31,8 @@ class Reference:
     used_by: list[str] = field(default_factory=list)
 
     generator_cores: int = 1
+    # The rate-limited run at half of this reference's saturated RPC/s (GetAgent only).
+    half_rate: HalfRate | None = None
 
     @property
     def generator_bound(self) -> bool:
@@ -55,6 +57,7 @@ class Reference:
             "error": self.error,
             "used_by": self.used_by,
             "measurement": self.measurement.to_json() if self.measurement else None,
+            "half_saturation": self.half_rate.to_json() if self.half_rate else None,
         }
 
 
@@ -70,6 +73,8 @@ class ScenarioResult:
     ratio_vs_naive: float | None = None
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # get_*: a second, rate-limited run at half the saturated RPC/s (None when not measured).
+    half_rate: HalfRate | None = None
 
     def compute_ratios(self) -> None:
         m = self.measurement
@@ -104,6 +109,7 @@ class ScenarioResult:
             "naive_reference": self.naive.id if self.naive else None,
             "notes": self.notes,
             "measurement": m.to_json() if m else None,
+            "half_saturation": self.half_rate.to_json() if self.half_rate else None,
             "extra": self.extra,
         }
 
@@ -193,8 +199,60 @@ def reference_table(references: list[Reference]) -> str:
             used += f" ({ref.error})"
         if ref.generator_bound:
             used += "; generator at its limit: echo's true ceiling is higher, ratios against it flatter agentstore"
+        if ref.half_rate is not None:
+            used += "; " + ref.half_rate.note()
         rows.append([*cells, used])
     return _render(headers, rows, right=set(range(2, len(headers) - 1)))
+
+
+def half_rate_table(bench: Bench) -> str | None:
+    """Latency of the rate-limited runs at half the saturated RPC/s, agentstore's first; None without any."""
+    runs: list[tuple[str, HalfRate, bool]] = [
+        (f"{r.name} (agentstore)", r.half_rate, True) for r in bench.results if r.half_rate is not None
+    ]
+    runs += [
+        (f"{ref.target} {ref.workload}", ref.half_rate, False) for ref in bench.references.values() if ref.half_rate
+    ]
+    if not runs:
+        return None
+    headers = [
+        "run",
+        "saturated RPC/s",
+        "target RPC/s",
+        "RPC/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "errors",
+        "CPU %",
+        "other CPU %",
+        f"p99 <= {HALF_RATE_P99_BAR_MS:g} ms",
+    ]
+    rows: list[list[str]] = []
+    for label, half, is_agentstore in runs:
+        m = half.measurement
+        if m is None:
+            rows.append([label, _num(half.saturated_rpc_per_s), _num(half.target_rpc_per_s), half.status.upper()])
+            rows[-1] += ["—"] * (len(headers) - len(rows[-1]) - 1) + [half.error or ""]
+            continue
+        p99 = m.latency.p99_ms
+        verdict = "—" if not is_agentstore or p99 is None else ("yes" if p99 <= HALF_RATE_P99_BAR_MS else "NO")
+        rows.append(
+            [
+                label,
+                _num(half.saturated_rpc_per_s),
+                _num(half.target_rpc_per_s),
+                _num(m.rpc_per_s),
+                _num(m.latency.p50_ms, 2),
+                _num(m.latency.p95_ms, 2),
+                _num(p99, 2),
+                str(m.errors),
+                _num(m.usage.cpu_percent),
+                _num(m.usage.other_cpu_percent),
+                verdict,
+            ]
+        )
+    return _render(headers, rows, right=set(range(1, len(headers) - 1)))
 
 
 def header_lines(bench: Bench) -> list[str]:
@@ -224,6 +282,14 @@ def full_text(bench: Bench) -> str:
     parts = ["\n".join(lines), "", scenario_table(bench.results)]
     if bench.references:
         parts += ["", "references (same generator, same workload):", reference_table(list(bench.references.values()))]
+    half = half_rate_table(bench)
+    if half is not None:
+        parts += [
+            "",
+            f"latency at {HALF_RATE_FRACTION:.0%} of the saturated RPC/s (second h2load run, --rps = target / "
+            f"{bench.opts.connections} connections; bar: GetAgent p99 <= {HALF_RATE_P99_BAR_MS:g} ms):",
+            half,
+        ]
     if bench.problems:
         parts += ["", *(f"problem: {p}" for p in bench.problems)]
     return "\n".join(parts)
@@ -269,6 +335,8 @@ def document(bench: Bench, started: datetime, text: str) -> dict[str, Any]:
             "references": o.references,
             "memory_requests": list(o.memory_requests),
             "noise_retries": o.noise_retries,
+            "half_rate": o.half_rate,
+            "half_rate_fraction": HALF_RATE_FRACTION,
         },
         "generator": {
             "fixed_requests": "h2load" if bench.h2load else "python",

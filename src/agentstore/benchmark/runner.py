@@ -63,7 +63,7 @@ from agentstore.benchmark.pyload import (
 )
 from agentstore.benchmark.report import Reference, ScenarioResult, write_report
 from agentstore.benchmark.scenarios import SCENARIOS, skip_reason
-from agentstore.benchmark.stats import Measurement, Usage
+from agentstore.benchmark.stats import HALF_RATE_FRACTION, HalfRate, Measurement, Usage
 from agentstore.config import Settings
 from agentstore.v1 import (
     agent_pb2,
@@ -539,10 +539,22 @@ class Bench:
         except Exception as exc:
             raise VerificationError(f"{call.method} answered wrongly: {exc}") from None
 
-    async def measure_fixed(self, server: Server, call: FixedCall, *, requests: int | None = None) -> Measurement:
-        """The fixed request through h2load (or the Python generator when h2load is missing)."""
+    async def measure_fixed(
+        self,
+        server: Server,
+        call: FixedCall,
+        *,
+        requests: int | None = None,
+        rps_per_connection: float | None = None,
+    ) -> Measurement:
+        """The fixed request through h2load (or the Python generator when h2load is missing).
+
+        `rps_per_connection` rate-limits every h2load connection (--rps); h2load only.
+        """
         verified = await self.verify(server, call)
         if self.h2load is None:
+            if rps_per_connection is not None:
+                raise RuntimeError("rate-limited runs need h2load")
             workload = FixedRequest(method=call.method, payload=call.payload)
             m = await self.measure_python(
                 server, workload, rpc=call.method.rpartition("/")[2], requests=requests, headers=call.headers
@@ -568,6 +580,7 @@ class Bench:
                 duration=None if requests is not None else self.opts.duration,
                 warmup=None if requests is not None else self.opts.warmup,
                 requests=requests,
+                rps_per_connection=rps_per_connection,
             ),
         ]
         sampler = UsageSampler(server.pid, [srv.pid for srv in self.servers])
@@ -619,6 +632,7 @@ class Bench:
                 "h2load_log_lines": result.log_lines,
                 "connections": self.opts.connections,
                 "streams_per_connection": self.opts.streams,
+                "rps_per_connection": rps_per_connection,
                 "server_metrics_delta": delta or None,
             },
         )
@@ -696,8 +710,52 @@ class Bench:
             best.notes.append(f"best of {attempts} (other work on the machine)")
         return best
 
+    async def measure_half_rate(self, server: Server, call: FixedCall, saturated: Measurement, label: str) -> HalfRate:
+        """A second h2load run, rate-limited to HALF_RATE_FRACTION of the saturated RPC/s: its latency.
+
+        h2load's --rps is per connection, so the target is divided by the number of connections.
+        """
+        target = saturated.rpc_per_s * HALF_RATE_FRACTION
+        half = HalfRate(
+            saturated_rpc_per_s=saturated.rpc_per_s,
+            target_rpc_per_s=target,
+            rps_per_connection=target / self.opts.connections,
+            connections=self.opts.connections,
+        )
+        if saturated.generator != "h2load" or self.h2load is None:
+            half.error = "needs h2load (the Python generator cannot limit its rate)"
+        elif half.rps_per_connection < 0.001:
+            half.error = f"saturated rate too low ({saturated.rpc_per_s:.2f} RPC/s)"
+        if half.error is not None:
+            half.skipped = True
+            log(f"  {label} at half saturation: skipped, {half.error}")
+            return half
+        try:
+            half.measurement = await self.steady(
+                lambda: self.measure_fixed(server, call, rps_per_connection=half.rps_per_connection),
+                f"{label} at half saturation",
+            )
+        except (Exception, VerificationError) as exc:
+            half.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log(f"  {label} at half saturation failed: {exc}")
+            return half
+        m = half.measurement
+        log(
+            f"  {label} at half saturation ({target:,.0f} RPC/s target): {m.rpc_per_s:,.0f} RPC/s, "
+            f"p50 {m.latency.p50_ms or 0:.2f} p95 {m.latency.p95_ms or 0:.2f} p99 {m.latency.p99_ms or 0:.2f} ms, "
+            f"{m.errors} errors"
+        )
+        return half
+
     async def reference(
-        self, target: str, key: str, scenario: str, *, call: FixedCall | None = None, workload: Workload | None = None
+        self,
+        target: str,
+        key: str,
+        scenario: str,
+        *,
+        call: FixedCall | None = None,
+        workload: Workload | None = None,
+        half_rate: bool = False,
     ) -> Reference | None:
         if not self.opts.references:
             return None
@@ -714,6 +772,8 @@ class Bench:
                 try:
                     if call is not None:
                         ref.measurement = await self.steady(lambda: self.measure_fixed(server, call), ref_id)
+                        if half_rate and self.opts.half_rate:
+                            ref.half_rate = await self.measure_half_rate(server, call, ref.measurement, ref_id)
                     else:
                         assert workload is not None
                         ref.measurement = await self.steady(
@@ -782,10 +842,14 @@ class Bench:
         result: ScenarioResult,
         env: dict[str, str],
         run: Callable[[Server], Any],
+        half_rate_call: FixedCall | None = None,
     ) -> None:
+        """Measure agentstore; with `half_rate_call`, then again at half the saturated rate (same server)."""
         server = await self.start_agentstore(env, result.name)
         try:
             result.measurement = await self.steady(lambda: run(server), result.name)
+            if half_rate_call is not None and self.opts.half_rate:
+                result.half_rate = await self.measure_half_rate(server, half_rate_call, result.measurement, result.name)
         finally:
             await self.stop_server(server)
         result.notes.extend(result.measurement.notes)
@@ -795,6 +859,8 @@ class Bench:
             result.notes.append(summary)
         if result.measurement.error_sample:
             result.notes.append(result.measurement.error_sample)
+        if result.half_rate is not None:
+            result.notes.append(result.half_rate.note())
 
     async def _get(self, result: ScenarioResult) -> None:
         env = CACHE_MODES[result.name]
@@ -812,11 +878,13 @@ class Bench:
             # RPC one query, like the naive server's.
             measured = dataclasses.replace(call, headers=(("cache-control", "no-cache"),))
             result.notes.append("cache-control: no-cache")
-        await self._agentstore_measure(result, env, lambda server: self.measure_fixed(server, measured))
-        result.echo = await self.reference(
-            "echo", "GetAgent", result.name, call=dataclasses.replace(call, check=check_agent(None))
+        await self._agentstore_measure(
+            result, env, lambda server: self.measure_fixed(server, measured), half_rate_call=measured
         )
-        result.naive = await self.reference("naive", "GetAgent", result.name, call=call)
+        result.echo = await self.reference(
+            "echo", "GetAgent", result.name, call=dataclasses.replace(call, check=check_agent(None)), half_rate=True
+        )
+        result.naive = await self.reference("naive", "GetAgent", result.name, call=call, half_rate=True)
 
     async def _list(self, result: ScenarioResult) -> None:
         request = agent_service_pb2.ListAgentsRequest(page_size=LIST_PAGE, filter=LIST_FILTER)

@@ -82,3 +82,63 @@ class Measurement:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# The performance bar this run is held to: p99 of Get at half its saturation rate.
+HALF_RATE_FRACTION = 0.5
+HALF_RATE_P99_BAR_MS = 5.0
+
+
+@dataclass
+class HalfRate:
+    """A second, rate-limited run at a fraction (half) of the RPC/s a saturated run reached.
+
+    h2load's --rps limits each connection, so the total target is split over the connections.
+    """
+
+    saturated_rpc_per_s: float
+    target_rpc_per_s: float
+    rps_per_connection: float
+    connections: int
+    measurement: Measurement | None = None
+    error: str | None = None
+    # Not attempted (no h2load, no rate to halve): `error` says why.
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.measurement is not None else "skipped" if self.skipped else "error"
+
+    @property
+    def p99_ms(self) -> float | None:
+        return self.measurement.latency.p99_ms if self.measurement is not None else None
+
+    def note(self) -> str:
+        """The table's note: 'p99 at half saturation (N RPC/s): X ms'."""
+        if self.measurement is None:
+            verb = "skipped" if self.skipped else "failed"
+            return f"half-saturation run {verb}: {self.error or 'unknown error'}"
+        p99 = self.p99_ms
+        text = f"p99 at half saturation ({self.target_rpc_per_s:,.0f} RPC/s): "
+        return text + ("—" if p99 is None else f"{p99:.2f} ms")
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.measurement
+        p99 = self.p99_ms
+        return {
+            "status": self.status,
+            "error": self.error,
+            "fraction": HALF_RATE_FRACTION,
+            "saturated_rpc_per_s": self.saturated_rpc_per_s,
+            "target_rpc_per_s": self.target_rpc_per_s,
+            "rps_per_connection": self.rps_per_connection,
+            "connections": self.connections,
+            "rpc_per_s": m.rpc_per_s if m else None,
+            "p50_ms": m.latency.p50_ms if m else None,
+            "p95_ms": m.latency.p95_ms if m else None,
+            "p99_ms": m.latency.p99_ms if m else None,
+            "errors": m.errors if m else None,
+            "p99_bar_ms": HALF_RATE_P99_BAR_MS,
+            "p99_within_bar": None if p99 is None else p99 <= HALF_RATE_P99_BAR_MS,
+            "measurement": m.to_json() if m else None,
+        }
