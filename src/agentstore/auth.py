@@ -42,11 +42,8 @@ PLATFORM_PRINCIPAL = Principal(tenant_id=uuid.UUID(int=0), key_id=None, role=Rol
 
 _BUS_KIND = "api_key"
 
-GET_API_KEY = """
-SELECT role, secret_hash, expire_time, revoke_time
-FROM api_keys
-WHERE tenant_id = $1 AND id = $2
-"""
+# One round trip: the function sets the key's tenant for its statement, then selects (migration 0005).
+GET_API_KEY = "SELECT role, secret_hash, expire_time, revoke_time FROM agentstore_read_api_key($1, $2)"
 
 
 @dataclass(frozen=True)
@@ -138,10 +135,8 @@ class Authenticator:
         if parsed is None:
             raise unauthenticated("API_KEY_INVALID", "the API key is not valid")
 
-        async def lookup(con: object) -> Record:
-            return await con.fetchrow(GET_API_KEY, parsed.tenant_id, parsed.key_id)  # type: ignore[attr-defined]
-
-        row = await self._db.run(lookup, parsed.tenant_id, readonly=True)
+        rows = await self._db.read(GET_API_KEY, parsed.tenant_id, parsed.key_id)
+        row = rows[0] if rows else None
         principal, expire_time = _principal_from_row(parsed, row)
         if self._cache is not None:
             self._cache[cache_key] = (principal, expire_time)

@@ -251,6 +251,12 @@ async def test_app_role_sees_nothing_without_a_tenant(database: ScratchDatabase,
         assert (await _counts(con))["agents"] == len(a.agents)
         await tx.rollback()
         assert await _counts(con) == dict.fromkeys(TENANT_TABLES, 0)
+        # The one-round-trip read functions set the tenant for their own statement only.
+        all_ids = [uuid.UUID(i) for i in a.ids | b.ids]
+        read = await con.fetch("SELECT id FROM agentstore_read_agents($1, $2)", tenant_a, all_ids)
+        assert {str(r["id"]) for r in read} == a.ids
+        assert await con.fetchval("SELECT current_setting('agentstore.tenant_id', true)") in ("", None)
+        assert await _counts(con) == dict.fromkeys(TENANT_TABLES, 0)
     finally:
         await con.close()
 

@@ -33,6 +33,9 @@ AGENTSTORE_FUNCTIONS = (
     "agentstore_scoped_json",
     "agentstore_scoped_search",
     "agentstore_scoped_query",
+    "agentstore_read_agents",
+    "agentstore_read_tasks",
+    "agentstore_read_api_key",
 )
 AGENTSTORE_BIN = Path(sys.executable).parent / "agentstore"
 CLI_TIMEOUT = 60

@@ -216,6 +216,43 @@ class Database:
         finally:
             await self.pool.release(con)
 
+    async def read(self, query: str, *args: Any) -> list[Record]:
+        """One read-only statement in its own implicit transaction: one round trip, not three.
+
+        Only for the `agentstore_read_*` functions (migration 0005), which set the tenant inside
+        the statement before they select; row-level security then applies as in `transaction`.
+        The deadline is enforced client-side: on expiry asyncpg cancels the statement in PostgreSQL.
+        A lost connection is retried once on a fresh one, like other reads.
+        """
+        for attempt in range(2):
+            budget, by_deadline = self._budget()
+            try:
+                con = await self.pool.acquire(timeout=min(budget, self._settings.db_pool_acquire_timeout_seconds))
+            except TimeoutError:
+                raise deadline_exceeded() if by_deadline else pool_exhausted() from None
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("database connection failed", extra={"error": type(exc).__name__})
+                raise database_unavailable() from None
+            try:
+                rows: list[Record] = await con.fetch(query, *args, timeout=budget)
+                return rows
+            except TimeoutError:
+                raise deadline_exceeded() from None
+            except _CONNECTION_LOST as exc:
+                con.terminate()
+                if attempt == 0:
+                    log.info("retrying read after %s", type(exc).__name__)
+                    continue
+                raise database_unavailable() from None
+            except asyncpg.PostgresError as exc:
+                mapped = map_database_error(exc)
+                if mapped is None:
+                    raise
+                raise mapped from None
+            finally:
+                await self.pool.release(con)
+        raise AssertionError("unreachable")
+
     async def run(
         self,
         work: Callable[[asyncpg.Connection], Awaitable[T]],

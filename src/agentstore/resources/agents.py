@@ -46,7 +46,8 @@ GET_AGENT = f"SELECT {COLUMNS} FROM agents WHERE tenant_id = $1 AND id = $2"
 
 GET_AGENT_FOR_UPDATE = f"{GET_AGENT} FOR UPDATE"
 
-BATCH_GET_AGENTS = f"SELECT {COLUMNS} FROM agents WHERE tenant_id = $1 AND id = ANY($2::uuid[])"
+# One round trip: the function sets the tenant for its statement, then selects (migration 0005).
+READ_AGENTS = f"SELECT {COLUMNS} FROM agentstore_read_agents($1, $2::uuid[])"
 
 INSERT_AGENT = f"""
 INSERT INTO agents (tenant_id, id, name, role, kind, status, capabilities, metadata, last_heartbeat_time)
@@ -218,7 +219,7 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
 
     async def _fetch_agents(self, tenant: uuid.UUID, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, bytes]]:
         """(version, wire bytes) of the tenant's agents among `ids`, in one query."""
-        rows = await self._db.run(lambda con: con.fetch(BATCH_GET_AGENTS, tenant, ids), tenant, readonly=True)
+        rows = await self._db.read(READ_AGENTS, tenant, ids)
         metrics.DB_LOADS.labels(ENTITY).inc()
         return {
             uuid.UUID(bytes=row["id"].bytes): (row["version"], agent_from_row(row).SerializeToString()) for row in rows
