@@ -67,6 +67,8 @@ T_COLUMNS = ", ".join(
 )
 
 GET_TASK = f"SELECT {COLUMNS} FROM tasks WHERE tenant_id = $1 AND id = $2"
+# One round trip: the function sets the tenant for its statement, then selects (migration 0005).
+READ_TASKS = f"SELECT {COLUMNS} FROM agentstore_read_tasks($1, $2::uuid[])"
 
 # The lease check reads PostgreSQL's clock, not ours.
 GET_TASK_FOR_UPDATE = f"""
@@ -555,9 +557,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         task_id = parse_id(request.id)
 
         async def load() -> Loaded:
-            row = await self._db.run(lambda con: con.fetchrow(GET_TASK, tenant, task_id), tenant, readonly=True)
+            rows = await self._db.read(READ_TASKS, tenant, [task_id])
             metrics.DB_LOADS.labels(ENTITY).inc()
-            return (row["version"], task_from_row(row).SerializeToString()) if row is not None else None
+            return (rows[0]["version"], task_from_row(rows[0]).SerializeToString()) if rows else None
 
         if self._task_cache is None or cache_bypassed():
             loaded = await load()
@@ -658,7 +660,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         if len(set(given)) != len(given):
             raise invalid_field("requests", "request_id values must be distinct within one batch")
 
-        async def create_all(con: asyncpg.Connection) -> list[Record]:
+        async def create_all(con: asyncpg.Connection) -> list[task_pb2.Task]:
             earlier: dict[uuid.UUID, Record] = {}
             if given:
                 pairs = [(r, columns[0][i]) for i, r in enumerate(request_ids) if r is not None]
@@ -683,27 +685,25 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                             )
                         earlier[row["request_id"]] = row
             fresh = [i for i, r in enumerate(request_ids) if r is None or r not in earlier]
-            inserted: dict[uuid.UUID, Record] = {}
+            # Each row becomes a Task once: the audit rows and the response share it.
+            inserted: dict[uuid.UUID, task_pb2.Task] = {}
             if fresh:
                 rows = await con.fetch(INSERT_TASKS, tenant, *([col[i] for i in fresh] for col in columns))
-                inserted = {row["id"]: row for row in rows}
+                inserted = {row["id"]: task_from_row(row) for row in rows}
                 await write_audits(
                     con,
                     principal,
                     tenant,
-                    [
-                        ("task.create", ENTITY, columns[0][i], None, task_from_row(inserted[columns[0][i]]))
-                        for i in fresh
-                    ],
+                    [("task.create", ENTITY, columns[0][i], None, inserted[columns[0][i]]) for i in fresh],
                 )
             return [
-                earlier[r] if r is not None and r in earlier else inserted[columns[0][i]]
+                task_from_row(earlier[r]) if r is not None and r in earlier else inserted[columns[0][i]]
                 for i, r in enumerate(request_ids)
             ]
 
-        rows = await self._db.run(create_all, tenant)
+        tasks = await self._db.run(create_all, tenant)
         await self._ready(tenant)
-        return task_service_pb2.BatchCreateTasksResponse(tasks=[task_from_row(r) for r in rows])
+        return task_service_pb2.BatchCreateTasksResponse(tasks=tasks)
 
     async def UpdateTask(self, request: task_service_pb2.UpdateTaskRequest, context: Any) -> task_pb2.Task:
         principal = current_principal()
