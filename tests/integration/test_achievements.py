@@ -5,25 +5,33 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from google.protobuf import duration_pb2
 
 from agentstore.context import Principal, Role
+from agentstore.embedded import EmbeddedRedis, free_port
 from agentstore.resources.achievements import award_for_completion
-from agentstore.server import App
+from agentstore.server import App, start_server
 from agentstore.v1 import (
     achievement_service_pb2,
     achievement_service_pb2_grpc,
     agent_service_pb2,
+    agent_service_pb2_grpc,
     audit_log_service_pb2,
     audit_log_service_pb2_grpc,
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+    tenant_service_pb2_grpc,
 )
 from tests.conftest import ScratchDatabase, Servers
-from tests.integration.conftest import TenantFactory, TenantKeys
+from tests.integration.conftest import TenantFactory, TenantKeys, make_tenant, server_settings
 from tests.integration.helpers import Metadata, create_agent, expect_error
 
 S = grpc.StatusCode
@@ -296,3 +304,58 @@ async def test_award_for_completion_is_rule_driven_and_idempotent(
         assert audits == 3
     finally:
         await con.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), append_only=False)
+    server.start()
+    yield server
+    server.stop(force=True)
+
+
+async def test_leaderboard_equals_sql_after_a_real_flushall(
+    own_redis: EmbeddedRedis, database: ScratchDatabase, redis_prefix: str, new_tenant: TenantFactory
+) -> None:
+    """A server on a Redis this test owns, so FLUSHALL wipes everything it cached, not other runs' keys.
+    The points come from CompleteTask, so the rules' awards in its transaction are what is counted."""
+    app = await start_server(server_settings(redis_prefix), database.app_url, own_redis.url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            tenant = await make_tenant(tenant_service_pb2_grpc.TenantServiceStub(ch), f"flush-{uuid.uuid4().hex[:8]}")
+            md = tenant.md()
+            agents = agent_service_pb2_grpc.AgentServiceStub(ch)
+            tasks = task_service_pb2_grpc.TaskServiceStub(ch)
+            achievements = achievement_service_pb2_grpc.AchievementServiceStub(ch)
+            workers = [await create_agent(agents, md) for _ in range(3)]
+            lease = duration_pb2.Duration(seconds=60)
+            for count, worker in zip((10, 3, 1), workers, strict=True):
+                for i in range(count):
+                    await tasks.CreateTask(
+                        task_service_pb2.CreateTaskRequest(task=task_pb2.Task(title=f"w{i}")), metadata=md
+                    )
+                    claimed = await tasks.ClaimTask(
+                        task_service_pb2.ClaimTaskRequest(agent_id=worker.id, lease_duration=lease), metadata=md
+                    )
+                    await tasks.CompleteTask(
+                        task_service_pb2.CompleteTaskRequest(task_id=claimed.task.id, lease_token=claimed.lease_token),
+                        metadata=md,
+                    )
+            before = entries((await board(achievements, md)).entries)
+            truth = await sql_board(database, tenant)
+            assert before == truth and [e[0] for e in truth] == [w.id for w in workers[:1]] + sorted(
+                w.id for w in workers[1:]
+            )
+            client = aioredis.from_url(own_redis.url)
+            try:
+                assert await client.dbsize() > 0
+                await client.flushall()
+                assert await client.dbsize() == 0
+            finally:
+                await client.aclose()
+            assert entries((await board(achievements, md)).entries) == truth
+            around = await board(achievements, md, top_n=1, around=workers[2].id)
+            assert entries(around.entries) == truth[:1]
+            assert [e.agent_id for e in around.around] == [e[0] for e in truth]
+    finally:
+        await app.stop(0)
