@@ -121,7 +121,7 @@ async def test_task_queue_round_trip_in_json(app: App, tenant: TenantKeys) -> No
         app,
         "agentstore.v1.TaskService/ClaimTask",
         key=tenant.writer,
-        data={"agentId": agent_id, "leaseDuration": "30s"},
+        data={"agent_id": agent_id, "lease_duration": "30s"},
     )
     assert code == 0, err
     claimed = json.loads(out)
@@ -131,7 +131,7 @@ async def test_task_queue_round_trip_in_json(app: App, tenant: TenantKeys) -> No
         app,
         "agentstore.v1.TaskService/CompleteTask",
         key=tenant.writer,
-        data={"taskId": task_id, "leaseToken": claimed["lease_token"], "result": {"pages": 12}},
+        data={"task_id": task_id, "lease_token": claimed["lease_token"], "result": {"pages": 12}},
     )
     assert code == 0, err
     assert json.loads(out)["status"] == "TASK_STATUS_SUCCEEDED"
