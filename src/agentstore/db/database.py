@@ -172,11 +172,8 @@ class Database:
             raise deadline_exceeded()
         return remaining, True
 
-    @asynccontextmanager
-    async def transaction(
-        self, tenant_id: uuid.UUID | None, *, readonly: bool = False, platform_scope: bool = False
-    ) -> AsyncIterator[asyncpg.Connection]:
-        """One transaction with the tenant set for it alone; commits unless the block raises."""
+    async def _acquire(self) -> tuple[float, asyncpg.Connection]:
+        """The seconds this unit of work may take, and a pooled connection to do it on."""
         budget, by_deadline = self._budget()
         try:
             con = await self.pool.acquire(timeout=min(budget, self._settings.db_pool_acquire_timeout_seconds))
@@ -187,6 +184,14 @@ class Database:
             # the database cannot serve this call now.
             log.warning("database connection failed", extra={"error": type(exc).__name__})
             raise database_unavailable() from None
+        return budget, con
+
+    @asynccontextmanager
+    async def transaction(
+        self, tenant_id: uuid.UUID | None, *, readonly: bool = False, platform_scope: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """One transaction with the tenant set for it alone; commits unless the block raises."""
+        budget, con = await self._acquire()
         try:
             # One round trip opens the transaction and sets its context. The values are a UUID
             # and an integer produced here, never client text.
@@ -225,14 +230,7 @@ class Database:
         A lost connection is retried once on a fresh one, like other reads.
         """
         for attempt in range(2):
-            budget, by_deadline = self._budget()
-            try:
-                con = await self.pool.acquire(timeout=min(budget, self._settings.db_pool_acquire_timeout_seconds))
-            except TimeoutError:
-                raise deadline_exceeded() if by_deadline else pool_exhausted() from None
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("database connection failed", extra={"error": type(exc).__name__})
-                raise database_unavailable() from None
+            budget, con = await self._acquire()
             try:
                 rows: list[Record] = await con.fetch(query, *args, timeout=budget)
                 return rows

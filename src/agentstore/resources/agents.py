@@ -21,7 +21,6 @@ from agentstore.query.listing import ListSpec
 from agentstore.resources.common import (
     MAX_BATCH_IDS,
     check_text,
-    claim_request_id,
     etag_matches,
     etag_of,
     fetch_page,
@@ -30,6 +29,7 @@ from agentstore.resources.common import (
     parse_id,
     parse_request_id,
     repeated_message_bytes,
+    replay_create,
     struct_to_json,
     to_timestamp,
     update_mask_paths,
@@ -297,16 +297,9 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
 
         async def create(con: asyncpg.Connection) -> Record:
             new_id = uuid.uuid4()
-            existing = await claim_request_id(con, tenant, request_id, ENTITY, new_id)
-            if existing is not None:
-                row = await con.fetchrow(GET_AGENT, tenant, existing)
-                if row is None:
-                    raise invalid_argument(
-                        "REQUEST_ID_REUSED",
-                        "the agent this request_id created has since been deleted",
-                        [("request_id", "its agent was deleted")],
-                    )
-                return row
+            earlier = await replay_create(con, tenant, request_id, ENTITY, new_id, GET_AGENT)
+            if earlier is not None:
+                return earlier
             row = await con.fetchrow(INSERT_AGENT, tenant, new_id, *values)
             await write_audit(con, principal, tenant, "agent.create", ENTITY, new_id, None, agent_from_row(row))
             return row

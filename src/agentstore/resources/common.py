@@ -275,3 +275,34 @@ async def claim_request_id(
         )
     existing: uuid.UUID = row["resource_id"]
     return existing
+
+
+def created_resource_gone(kind: str, field: str = "request_id", how: str = "deleted") -> Exception:
+    """A retried create whose first attempt's resource no longer exists (AIP-155 cannot replay it)."""
+    return invalid_argument(
+        "REQUEST_ID_REUSED",
+        f"the {kind} this request_id created has since been {how}",
+        [(field, f"its {kind} was {how}")],
+    )
+
+
+async def replay_create(
+    con: asyncpg.Connection,
+    tenant_id: uuid.UUID,
+    request_id: uuid.UUID | None,
+    kind: str,
+    new_id: uuid.UUID,
+    get_sql: str,
+    *,
+    how: str = "deleted",
+) -> Record | None:
+    """AIP-155 for a create: None when it goes ahead as `new_id`, else the row the first create
+    with this request_id made (`get_sql` takes tenant and id). INVALID_ARGUMENT when that row
+    is gone or the request_id created another kind of resource."""
+    existing = await claim_request_id(con, tenant_id, request_id, kind, new_id)
+    if existing is None:
+        return None
+    row: Record | None = await con.fetchrow(get_sql, tenant_id, existing)
+    if row is None:
+        raise created_resource_gone(kind, how=how)
+    return row

@@ -36,13 +36,13 @@ from agentstore.query.listing import ListSpec
 from agentstore.resources.agents import GET_AGENT, agent_from_row
 from agentstore.resources.common import (
     check_text,
-    claim_request_id,
     etag_matches,
     etag_of,
     fetch_page,
     json_to_struct,
     parse_id,
     parse_request_id,
+    replay_create,
     struct_to_json,
     to_timestamp,
     update_mask_paths,
@@ -371,16 +371,11 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
 
         async def create(con: asyncpg.Connection) -> Record:
             new_id = uuid.uuid4()
-            existing = await claim_request_id(con, tenant, request_id, ENTITY, new_id)
-            if existing is not None:
-                row = await con.fetchrow(GET_SESSION, tenant, existing)
-                if row is None:
-                    raise invalid_argument(
-                        "REQUEST_ID_REUSED",
-                        "the session this request_id created has since been deleted or has expired",
-                        [("request_id", "its session was deleted or has expired")],
-                    )
-                return row
+            earlier = await replay_create(
+                con, tenant, request_id, ENTITY, new_id, GET_SESSION, how="deleted or expired"
+            )
+            if earlier is not None:
+                return earlier
             row = await con.fetchrow(INSERT_SESSION, tenant, new_id, agent_id, *values)
             await write_audit(con, principal, tenant, "session.create", ENTITY, new_id, None, session_from_row(row))
             return row

@@ -39,13 +39,14 @@ from agentstore.resources import agents as agents_module
 from agentstore.resources.common import (
     AuditEntry,
     check_text,
-    claim_request_id,
+    created_resource_gone,
     etag_matches,
     etag_of,
     fetch_page,
     json_to_struct,
     parse_id,
     parse_request_id,
+    replay_create,
     struct_to_json,
     to_timestamp,
     update_mask_paths,
@@ -616,16 +617,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
 
         async def create(con: asyncpg.Connection) -> tuple[Record, bool]:
             new_id = uuid.uuid4()
-            existing = await claim_request_id(con, tenant, request_id, ENTITY, new_id)
-            if existing is not None:
-                row = await con.fetchrow(GET_TASK, tenant, existing)
-                if row is None:
-                    raise invalid_argument(
-                        "REQUEST_ID_REUSED",
-                        "the task this request_id created has since been deleted",
-                        [("request_id", "its task was deleted")],
-                    )
-                return row, False
+            earlier = await replay_create(con, tenant, request_id, ENTITY, new_id, GET_TASK)
+            if earlier is not None:
+                return earlier, False
             row = await con.fetchrow(INSERT_TASK, tenant, new_id, *values)
             await write_audits(con, principal, tenant, [("task.create", ENTITY, new_id, None, task_from_row(row))])
             return row, True
@@ -678,11 +672,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                                 [("requests", "a request_id was used for another kind of resource")],
                             )
                         if row["id"] is None:
-                            raise invalid_argument(
-                                "REQUEST_ID_REUSED",
-                                "the task a request_id created has since been deleted",
-                                [("requests", "a request_id's task was deleted")],
-                            )
+                            raise created_resource_gone(ENTITY, field="requests")
                         earlier[row["request_id"]] = row
             fresh = [i for i, r in enumerate(request_ids) if r is None or r not in earlier]
             # Each row becomes a Task once: the audit rows and the response share it.
