@@ -39,8 +39,10 @@ from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
 
 ENTITY = "agent"
 
-COLUMNS = """id, name, role, kind, status, capabilities, metadata::text AS metadata, last_heartbeat_time,
-       create_time, update_time, version"""
+# `{a}` is a table alias with its dot ("a."), or "" (COLUMNS).
+COLUMNS_OF = """{a}id, {a}name, {a}role, {a}kind, {a}status, {a}capabilities, {a}metadata::text AS metadata,
+       {a}last_heartbeat_time, {a}create_time, {a}update_time, {a}version"""
+COLUMNS = COLUMNS_OF.format(a="")
 
 GET_AGENT = f"SELECT {COLUMNS} FROM agents WHERE tenant_id = $1 AND id = $2"
 

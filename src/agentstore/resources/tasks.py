@@ -59,13 +59,13 @@ log = logging.getLogger(__name__)
 ENTITY = "task"
 READY = "task-ready"  # bus kind of the "a task may be claimable in tenant <key>" hint
 
-COLUMNS = """id, title, description, status, priority, payload::text AS payload, result::text AS result, error,
-       required_capabilities, assigned_agent_id, attempts, max_attempts, lease_token, lease_expire_time,
-       create_time, update_time, start_time, complete_time, version"""
-T_COLUMNS = ", ".join(
-    f"t.{c.strip()}" if "::" not in c else f"t.{c.strip().split('::')[0]}::text AS {c.strip().split()[-1]}"
-    for c in COLUMNS.replace("\n", " ").split(",")
-)
+# `{t}` is a table alias with its dot ("t."), or "" (COLUMNS).
+COLUMNS_OF = """{t}id, {t}title, {t}description, {t}status, {t}priority, {t}payload::text AS payload,
+       {t}result::text AS result, {t}error, {t}required_capabilities, {t}assigned_agent_id, {t}attempts,
+       {t}max_attempts, {t}lease_token, {t}lease_expire_time, {t}create_time, {t}update_time, {t}start_time,
+       {t}complete_time, {t}version"""
+COLUMNS = COLUMNS_OF.format(t="")
+T_COLUMNS = COLUMNS_OF.format(t="t.")
 
 GET_TASK = f"SELECT {COLUMNS} FROM tasks WHERE tenant_id = $1 AND id = $2"
 # One round trip: the function sets the tenant for its statement, then selects (migration 0005).
@@ -213,13 +213,7 @@ FROM (
     FROM agents b WHERE b.tenant_id = $1 AND b.id = $2
 ) n
 WHERE a.tenant_id = $1 AND a.id = $2
-RETURNING {
-    ", ".join(
-        "a." + c.strip() if "::" not in c else "a.metadata::text AS metadata"
-        for c in agents_module.COLUMNS.replace(chr(10), " ").split(",")
-    )
-},
-          a.completed_task_count
+RETURNING {agents_module.COLUMNS_OF.format(a="a.")}, a.completed_task_count
 """
 
 TENANTS_WITH_OVERDUE_LEASES = "SELECT id FROM tenants ORDER BY id"
