@@ -706,17 +706,19 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 raise task_not_found(task_id)
             if not etag_matches(request.task.etag, row["version"]):
                 raise etag_mismatch(ENTITY)
+            if cancel and row["status"] in FINISHED:
+                raise ApiError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "TASK_FINISHED",
+                    f"task {task_id} already ended as {row['status']}",
+                )
             before = task_from_row(row)
-            merged = merge_for_update(before, request.task, paths)
-            updated = await con.fetchrow(UPDATE_TASK, tenant, task_id, *column_values(merged))
+            updated = row
+            if paths != ["status"]:  # a pure cancel writes the row once, below
+                merged = merge_for_update(before, request.task, paths)
+                updated = await con.fetchrow(UPDATE_TASK, tenant, task_id, *column_values(merged))
             changes: list[AgentChange] = []
             if cancel:
-                if row["status"] in FINISHED:
-                    raise ApiError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        "TASK_FINISHED",
-                        f"task {task_id} already ended as {row['status']}",
-                    )
                 locked = await self._lock_agent_of(con, tenant, row) if row["status"] == "RUNNING" else []
                 updated = await con.fetchrow(CANCEL_TASK, tenant, task_id)
                 changes = await self._settle_agents(con, tenant, locked)
