@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import secrets
@@ -33,10 +34,10 @@ from agentstore.query import PageTokenCodec
 from agentstore.resources.achievements import AchievementService, Leaderboard, award_for_completion
 from agentstore.resources.agents import AgentService
 from agentstore.resources.audit import AuditLogService
-from agentstore.resources.sessions import SessionCache, SessionService
+from agentstore.resources.sessions import PURGE_GRACE, SessionCache, SessionService
 from agentstore.resources.tasks import TaskService
 from agentstore.resources.tenants import TenantService
-from agentstore.tasks import cancel_and_wait
+from agentstore.tasks import cancel_and_wait, run_periodically
 from agentstore.v1 import (
     achievement_service_pb2,
     achievement_service_pb2_grpc,
@@ -398,10 +399,16 @@ async def start_server(settings: Settings, database_url: str, redis_url: str) ->
     app.sessions = sessions
     app.task_service = task_service
     if settings.lease_sweep_interval_seconds > 0:
-        sweeper = task_service.run_sweeper(settings.lease_sweep_interval_seconds)
+        sweeper = run_periodically(
+            "expired task leases swept", settings.lease_sweep_interval_seconds, task_service.sweep
+        )
         app.tasks.append(asyncio.create_task(sweeper, name="lease-sweeper"))
     if settings.session_purge_interval_seconds > 0:
-        purge = sessions.purge_periodically(settings.session_purge_interval_seconds)
+        purge = run_periodically(
+            "expired sessions purged",
+            settings.session_purge_interval_seconds,
+            functools.partial(sessions.purge_expired, PURGE_GRACE),
+        )
         app.tasks.append(asyncio.create_task(purge, name="session-purge"))
     log.info("serving", extra={"address": settings.listen_address, "port": port})
     return app

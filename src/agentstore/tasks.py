@@ -1,9 +1,28 @@
-"""Stopping background tasks reliably."""
+"""Background jobs: running them periodically, and stopping them reliably."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+
+async def run_periodically(what: str, interval: float, job: Callable[[], Awaitable[int]]) -> None:
+    """Run `job` now and then every `interval` seconds until cancelled. A failure is logged and
+    the next round goes ahead; a round that did something logs how much (`job`'s count)."""
+    while True:
+        try:
+            count = await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(f"{what} failed", extra={"error": type(exc).__name__})
+        else:
+            if count:
+                log.info(what, extra={"count": count})
+        await asyncio.sleep(interval)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[None] | None]) -> None:

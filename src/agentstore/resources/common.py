@@ -167,6 +167,15 @@ async def fetch_page(
     return plan.page(rows, codec)
 
 
+LIST_TENANT_IDS = "SELECT id FROM tenants ORDER BY id"
+
+
+async def all_tenant_ids(db: Database) -> list[uuid.UUID]:
+    """Every tenant, read under the platform scope: for jobs that visit each tenant in turn."""
+    rows = await db.run(lambda con: con.fetch(LIST_TENANT_IDS), None, readonly=True, platform_scope=True)
+    return [row["id"] for row in rows]
+
+
 INSERT_AUDIT = """
 INSERT INTO audit_logs (tenant_id, actor, actor_key_id, action, entity_type, entity_id, before, after, request_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9)

@@ -7,7 +7,6 @@ A session is gone from the instant its expire_time passes: every statement check
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -35,6 +34,7 @@ from agentstore.query.filter import FilterError, compile_filter
 from agentstore.query.listing import ListSpec
 from agentstore.resources.agents import GET_AGENT, agent_from_row
 from agentstore.resources.common import (
+    all_tenant_ids,
     check_text,
     etag_matches,
     etag_of,
@@ -92,8 +92,6 @@ DELETE FROM sessions WHERE tenant_id = $1 AND id = $2 AND expire_time > now() RE
 
 # The purge sees all tenants only through the platform scope of the tenants table; sessions
 # themselves are deleted one tenant (one row-level-security scope) at a time.
-LIST_TENANT_IDS = "SELECT id FROM tenants ORDER BY id"
-
 PURGE_EXPIRED = """
 WITH gone AS (
     DELETE FROM sessions
@@ -438,10 +436,8 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         Expired sessions are already invisible, so this only reclaims space. Each tenant is its
         own transaction per batch: row-level security shows one tenant at a time.
         """
-        tenants = await self._db.run(lambda con: con.fetch(LIST_TENANT_IDS), None, readonly=True, platform_scope=True)
         total = 0
-        for record in tenants:
-            tenant: uuid.UUID = record["id"]
+        for tenant in await all_tenant_ids(self._db):
             while True:
                 deleted = await self._purge_batch(tenant, grace)
                 total += deleted
@@ -452,17 +448,3 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
     async def _purge_batch(self, tenant: uuid.UUID, grace: timedelta) -> int:
         deleted: int = await self._db.run(lambda con: con.fetchval(PURGE_EXPIRED, tenant, grace, PURGE_BATCH), tenant)
         return deleted
-
-    async def purge_periodically(self, interval: float) -> None:
-        """The background job: purge, then sleep `interval` seconds, until cancelled."""
-        while True:
-            try:
-                purged = await self.purge_expired(PURGE_GRACE)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("session purge failed", extra={"error": type(exc).__name__})
-            else:
-                if purged:
-                    log.info("purged expired sessions", extra={"count": purged})
-            await asyncio.sleep(interval)

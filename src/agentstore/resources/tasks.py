@@ -38,6 +38,7 @@ from agentstore.query.listing import ListSpec
 from agentstore.resources import agents as agents_module
 from agentstore.resources.common import (
     AuditEntry,
+    all_tenant_ids,
     check_text,
     created_resource_gone,
     etag_matches,
@@ -215,8 +216,6 @@ FROM (
 WHERE a.tenant_id = $1 AND a.id = $2
 RETURNING {agents_module.COLUMNS_OF.format(a="a.")}, a.completed_task_count
 """
-
-TENANTS_WITH_OVERDUE_LEASES = "SELECT id FROM tenants ORDER BY id"
 
 STATUS_TO_DB: dict[int, str] = {
     task_pb2.TASK_STATUS_PENDING: "PENDING",
@@ -928,22 +927,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
 
     async def sweep(self) -> int:
         """One pass over every tenant's overdue leases."""
-        tenants = await self._db.run(
-            lambda con: con.fetch(TENANTS_WITH_OVERDUE_LEASES), None, readonly=True, platform_scope=True
-        )
         expired = 0
-        for row in tenants:
-            while (count := await self.expire_leases(row["id"])) >= 500:
+        for tenant in await all_tenant_ids(self._db):
+            while (count := await self.expire_leases(tenant)) >= 500:
                 expired += count
             expired += count
         return expired
-
-    async def run_sweeper(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("lease sweep failed", exc_info=True)
