@@ -36,6 +36,8 @@ AGENTSTORE_FUNCTIONS = (
     "agentstore_read_agents",
     "agentstore_read_tasks",
     "agentstore_read_api_key",
+    "agentstore_proto_time",
+    "agentstore_task_json",
 )
 AGENTSTORE_BIN = Path(sys.executable).parent / "agentstore"
 CLI_TIMEOUT = 60

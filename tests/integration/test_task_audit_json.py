@@ -1,0 +1,177 @@
+"""agentstore_task_json (migration 0006) builds a task's audit JSON inside PostgreSQL for
+BatchCreateTasks. It must equal the server's own encoding of the Task message (message_json of
+task_from_row), which every other task audit row uses, for tasks in every state."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
+
+from agentstore.resources.common import message_json
+from agentstore.resources.tasks import COLUMNS_OF, task_from_row
+from agentstore.v1 import agent_service_pb2_grpc, task_pb2, task_service_pb2, task_service_pb2_grpc
+from tests.conftest import ScratchDatabase
+from tests.integration.helpers import create_agent, unique
+
+ROW_AND_JSON = f"SELECT {COLUMNS_OF.format(t='t.')}, agentstore_task_json(t)::text AS j FROM tasks t"
+
+
+@pytest.fixture(scope="module")
+def tasks_stub(channel) -> task_service_pb2_grpc.TaskServiceStub:
+    return task_service_pb2_grpc.TaskServiceStub(channel)
+
+
+def python_json(row: asyncpg.Record) -> dict[str, object]:
+    return json.loads(message_json(task_from_row(row)))
+
+
+async def rows_of(database: ScratchDatabase, tenant_id: str) -> list[asyncpg.Record]:
+    con = await asyncpg.connect(database.owner_url)
+    try:
+        return await con.fetch(f"{ROW_AND_JSON} WHERE t.tenant_id = $1 ORDER BY t.create_time", uuid.UUID(tenant_id))
+    finally:
+        await con.close()
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),  # no fraction
+        datetime(2026, 1, 2, 3, 4, 5, 120_000, tzinfo=UTC),  # milliseconds: 3 digits
+        datetime(2026, 1, 2, 3, 4, 5, 1_000, tzinfo=UTC),  # 3 digits with leading zeros
+        datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=UTC),  # microseconds: 6 digits
+        datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ],
+)
+async def test_proto_time_matches_protobuf_json(database: ScratchDatabase, moment: datetime) -> None:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(moment)
+    con = await asyncpg.connect(database.owner_url)
+    try:
+        # A session time zone far from UTC: the function must not depend on it.
+        await con.execute("SET TIME ZONE 'Asia/Kathmandu'")
+        assert await con.fetchval("SELECT agentstore_proto_time($1)", moment) == ts.ToJsonString()
+        assert await con.fetchval("SELECT agentstore_proto_time(NULL)") is None
+    finally:
+        await con.close()
+
+
+async def test_task_json_matches_the_message_encoding_in_every_state(
+    tasks_stub, agents_stub: agent_service_pb2_grpc.AgentServiceStub, tenant, database: ScratchDatabase
+) -> None:
+    md = tenant.md()
+    agent = await create_agent(agents_stub, md, unique("worker"), capabilities=["gpu"])
+
+    def make(title: str, **fields: object) -> task_service_pb2.CreateTaskRequest:
+        payload = fields.pop("payload", None)
+        task = task_pb2.Task(title=title, **fields)  # type: ignore[arg-type]
+        if payload is not None:
+            task.payload.update(payload)  # type: ignore[arg-type]
+        return task_service_pb2.CreateTaskRequest(task=task)
+
+    lease = duration_pb2.Duration(seconds=30)
+
+    async def claim() -> task_service_pb2.ClaimTaskResponse:
+        request = task_service_pb2.ClaimTaskRequest(agent_id=agent.id, lease_duration=lease)
+        return await tasks_stub.ClaimTask(request, metadata=md)
+
+    # Claims go by priority: "bare" first, then "rich" (it needs "gpu"), then "to fail".
+    await tasks_stub.CreateTask(make("bare"), metadata=md)  # empty payload and description, priority 0
+    await tasks_stub.CreateTask(
+        make(
+            'rich ü "quoted" \\ task',
+            description="line one\nline two",
+            priority=-7,
+            required_capabilities=["gpu"],
+            max_attempts=9,
+            payload={"n": None, "i": 3, "f": 2.5, "big": 2**53, "s": "x", "nested": {"list": [1, "a", None, {}]}},
+        ),
+        metadata=md,
+    )
+    await tasks_stub.CreateTask(make("to fail", priority=-100), metadata=md)
+    to_cancel = await tasks_stub.CreateTask(make("to cancel", priority=-200), metadata=md)
+    first = await claim()
+    result = struct_pb2.Struct()
+    result.update({"ok": True, "z": None})
+    await tasks_stub.CompleteTask(
+        task_service_pb2.CompleteTaskRequest(task_id=first.task.id, lease_token=first.lease_token, result=result),
+        metadata=md,
+    )
+    await claim()  # "rich" stays RUNNING, with a lease
+    third = await claim()
+    await tasks_stub.FailTask(
+        task_service_pb2.FailTaskRequest(task_id=third.task.id, lease_token=third.lease_token, error="boom: ü"),
+        metadata=md,
+    )
+    await tasks_stub.UpdateTask(
+        task_service_pb2.UpdateTaskRequest(
+            task=task_pb2.Task(id=to_cancel.id, status=task_pb2.TASK_STATUS_CANCELLED),
+            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+        ),
+        metadata=md,
+    )
+
+    rows = await rows_of(database, tenant.tenant.id)
+    statuses = {task_from_row(r).status for r in rows}
+    assert statuses == {
+        task_pb2.TASK_STATUS_RUNNING,
+        task_pb2.TASK_STATUS_SUCCEEDED,
+        task_pb2.TASK_STATUS_FAILED,
+        task_pb2.TASK_STATUS_CANCELLED,
+    }, statuses
+    for row in rows:
+        assert json.loads(row["j"]) == python_json(row), row["title"]
+
+    # Timestamps with no fraction and with whole milliseconds take the short protobuf forms.
+    con = await asyncpg.connect(database.owner_url)
+    try:
+        await con.execute(
+            "UPDATE tasks SET create_time = '2026-03-04T05:06:07Z', update_time = '2026-03-04T05:06:07.250Z' "
+            "WHERE tenant_id = $1",
+            uuid.UUID(tenant.tenant.id),
+        )
+    finally:
+        await con.close()
+    for row in await rows_of(database, tenant.tenant.id):
+        expected = python_json(row)
+        assert expected["create_time"] == "2026-03-04T05:06:07Z" and expected["update_time"].endswith(".250Z")
+        assert json.loads(row["j"]) == expected, row["title"]
+
+
+async def test_batch_create_audit_rows_equal_the_returned_tasks(tasks_stub, tenant, database: ScratchDatabase) -> None:
+    requests = []
+    for i in range(50):
+        task = task_pb2.Task(
+            title=f"audited {i}", description="d" * (i % 4), priority=i % 3, required_capabilities=["a"] * (i % 2)
+        )
+        if i % 5:
+            task.payload.update({"i": i, "tag": None if i % 2 else "even"})
+        requests.append(task_service_pb2.CreateTaskRequest(task=task))
+    response = await tasks_stub.BatchCreateTasks(
+        task_service_pb2.BatchCreateTasksRequest(requests=requests), metadata=tenant.md()
+    )
+    con = await asyncpg.connect(database.owner_url)
+    try:
+        audits = await con.fetch(
+            "SELECT entity_id, after::text AS after, before, actor, actor_key_id, request_id FROM audit_logs"
+            " WHERE tenant_id = $1 AND action = 'task.create' ORDER BY revision",
+            uuid.UUID(tenant.tenant.id),
+        )
+    finally:
+        await con.close()
+    # One row per task, in the order of the request, each equal to the task the caller got back.
+    assert [a["entity_id"] for a in audits] == [t.id for t in response.tasks]
+    for audit, task in zip(audits, response.tasks, strict=True):
+        assert json.loads(audit["after"]) == json.loads(message_json(task))
+        assert audit["before"] is None
+        assert audit["actor_key_id"] == uuid.UUID(tenant.writer_key_id)
+        assert audit["actor"] and audit["request_id"]
+    # The response is built from the request, not read back: it must equal what GetTask reads.
+    no_cache = (*tenant.md(), ("cache-control", "no-cache"))
+    for task in response.tasks:
+        assert await tasks_stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id), metadata=no_cache) == task
