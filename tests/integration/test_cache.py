@@ -195,6 +195,49 @@ async def test_stale_set_race_leaves_no_stale_entry(
         await reader.stop(0)
 
 
+async def test_fill_older_than_half_the_l2_ttl_is_dropped(
+    servers: Servers, database: ScratchDatabase, redis_prefix: str, new_tenant
+) -> None:
+    """A reader stalls between its read (v1) and its fill for longer than the L2 TTL, so the
+    writer's v2 entry has expired from Redis by then: set-if-newer has nothing to compare with,
+    and only the age check keeps v1 out of both tiers."""
+    settings = itc.server_settings(redis_prefix, cache_l2_ttl_seconds=0.4)
+    server = await start_server(settings, database.app_url, servers.redis_url)
+    try:
+        tenant = await new_tenant("slow-fill")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = agent_service_pb2_grpc.AgentServiceStub(ch)
+            cache = server.caches["agent"]
+            created = await create_agent(stub, tenant.md())
+            key = (uuid.UUID(tenant.tenant.id), uuid.UUID(created.id))
+            await get(stub, tenant.md(), created.id)  # warm the principal cache
+            await cache.forget(key)
+            read_done, release = asyncio.Event(), asyncio.Event()
+
+            async def hold(_: object) -> None:
+                read_done.set()
+                await release.wait()
+
+            cache.before_fill = hold
+            try:
+                stale_get = asyncio.create_task(get(stub, tenant.md(), created.id))
+                await asyncio.wait_for(read_done.wait(), 5)
+                updated = await rename(stub, tenant.md(), created.id)
+                await asyncio.sleep(0.6)  # v2's L2 entry (0.4 s) is gone
+                assert await cache.peek(key) == (version_of(updated), None)
+                cache._l1.drop(key)  # as in a process that only ever saw the invalidation
+                rejected = counter("agentstore_cache_stale_sets_rejected_total", kind="agent", tier="l2")
+                release.set()
+                assert version_of(await stale_get) == 1  # it read before the commit: fine to answer v1
+            finally:
+                cache.before_fill = None
+            assert counter("agentstore_cache_stale_sets_rejected_total", kind="agent", tier="l2") == rejected + 1
+            assert await cache.peek(key) == (None, None)
+            assert await get(stub, tenant.md(), created.id) == updated
+    finally:
+        await server.stop(0)
+
+
 # --- two server processes: read-your-writes across processes -------------------------------------
 
 

@@ -477,24 +477,31 @@ async def test_update_extends_expire_time(sessions_stub: Any, tenant: TenantKeys
 # --- Redis ----------------------------------------------------------------------------------------
 
 
-async def test_redis_key_expires_with_the_session(
+async def test_redis_key_lives_until_the_session_ends_or_a_cache_ttl_whichever_is_later(
     app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
 ) -> None:
+    ttl_ms = int(app.settings.cache_l2_ttl_seconds * 1000)
+    # A session that ends after the cache TTL: its key ends with it (to the ms, rounded down).
+    long_lived = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(ttl_ms / 1000 + 300))
+    key = redis_key(app, tenant, long_lived.id)
+    assert abs(await expire_at_ms(app.redis, key) - micros(long_lived.expire_time) // 1000) <= 1
+
+    # A session that ends sooner: its key stays a cache TTL from the write, holding the version
+    # (test_shorter_ttl_write_then_stale_fill_cannot_revive_the_session shows why).
     created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(120))
     key = redis_key(app, tenant, created.id)
-    # Written on create, to expire at expire_time (to the millisecond, rounded down).
-    assert abs(await expire_at_ms(app.redis, key) - micros(created.expire_time) // 1000) <= 1
-    pttl = await app.redis.pttl(key)
-    assert 110_000 < pttl <= 120_000
+    written_ms = micros(created.update_time) // 1000
+    assert written_ms + ttl_ms - 5_000 <= await expire_at_ms(app.redis, key) <= written_ms + ttl_ms + 5_000
 
     updated = await update(sessions_stub, tenant.md(), session_pb2.Session(id=created.id, ttl=seconds(300)), ["ttl"])
-    assert abs(await expire_at_ms(app.redis, key) - micros(updated.expire_time) // 1000) <= 1
     raw = await app.redis.get(key)
     assert raw == b"2:" + updated.SerializeToString()
+    assert await expire_at_ms(app.redis, key) >= micros(updated.update_time) // 1000 + ttl_ms - 5_000
 
     await sessions_stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=created.id), metadata=tenant.md())
     # A tombstone (newer version, no payload) that no reader of the old row can overwrite.
     assert await app.redis.get(key) == b"3!"
+    assert await app.redis.pttl(key) > ttl_ms - 5_000
 
 
 async def test_reads_go_through_l1_then_redis_then_postgresql(
@@ -530,7 +537,6 @@ async def test_reads_go_through_l1_then_redis_then_postgresql(
     assert await get(sessions_stub, tenant.md(), created.id) == created
     assert counts() == (l1 + 2, l2 + 1, loads + 2)
     assert await app.redis.exists(key)
-    assert abs(await expire_at_ms(app.redis, key) - micros(created.expire_time) // 1000) <= 1
     assert await get(sessions_stub, tenant.md(), created.id) == created
     assert counts() == (l1 + 3, l2 + 1, loads + 2)
 
@@ -591,6 +597,44 @@ async def test_stale_set_race_leaves_no_stale_entry(
         cache.before_fill = None
     assert await cache.peek(key) == (2, 2)
     assert await get(sessions_stub, tenant.md(), created.id) == updated
+
+
+async def test_shorter_ttl_write_then_stale_fill_cannot_revive_the_session(
+    app: App, sessions_stub: Any, tenant: TenantKeys, agent_id: str
+) -> None:
+    """A reader loads v1 (ends in 60 s) and stalls; v2 shortens the life to 1 s and ends; then the
+    reader fills. v2's Redis entry must still be there to refuse v1, or another process would
+    serve the ended session from L2 for the next minute."""
+    await wait_subscribed(app)
+    created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(60))
+    key = cache_key(tenant, created.id)
+    cache = session_cache(app)
+    await get(sessions_stub, tenant.md(), created.id)  # warm the principal and the agent caches
+    await cache.forget(key)
+    read_done, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_: object) -> None:
+        read_done.set()
+        await release.wait()
+
+    cache.before_fill = hold
+    try:
+        stale_get = asyncio.create_task(get(sessions_stub, tenant.md(), created.id))
+        await asyncio.wait_for(read_done.wait(), 5)
+        shortened = await update(
+            sessions_stub, tenant.md(), session_pb2.Session(id=created.id, ttl=seconds(1)), ["ttl"]
+        )
+        await sleep_until(when(shortened.expire_time) + timedelta(milliseconds=50))
+        release.set()
+        assert await stale_get == created  # it read before the commit: fine to answer v1
+    finally:
+        cache.before_fill = None
+    # Both tiers still hold version 2 (ended), not the stalled reader's version 1.
+    assert cache._l1.entry(key) is None or cache._l1.entry(key).version == 2
+    assert (await cache._l2.get(redis_key(app, tenant, created.id))).version == 2
+    # Another process (no L1 entry) finds the ended version in Redis: a miss, and PostgreSQL says gone.
+    cache._l1.drop(key)
+    await expect_error(get(sessions_stub, tenant.md(), created.id), S.NOT_FOUND, "SESSION_NOT_FOUND")
 
 
 # --- purge and audit ------------------------------------------------------------------------------

@@ -5,9 +5,17 @@ single-flight load from PostgreSQL, whose result fills both tiers only if nothin
 Writes (after commit): L2 is replaced by the new version (or a tombstone) and the invalidation is
 published in the same Redis round trip; this process's L1 takes the new bytes directly.
 
-An entity with a lifetime of its own (a session) passes `expires`: each entry then leaves L2 at
-that instant (PXAT instead of the cache TTL), and a cached copy whose instant has passed is a miss
-in either tier, checked to the microsecond on every hit, so the loader (PostgreSQL) decides.
+An entity with a lifetime of its own (a session) passes `expires`: a cached copy whose instant has
+passed is a miss in either tier, checked to the microsecond on every hit, so the loader
+(PostgreSQL) decides. Its L2 entry stays until that instant or for the cache TTL, whichever is
+later: past the entity's end it still holds the version, so a reader that loaded an older version
+(with a later end) before a write that shortened the lifetime cannot put that older copy back.
+
+Why the set-if-newer check holds: every L2 entry lives at least the cache TTL from its write, and
+a reader's database read precedes any write it missed. A fill therefore always meets the newer
+entry, unless more than the TTL passed between its read and its fill; such fills are dropped (at
+half the TTL, for margin). This assumes Redis does not evict entries early (`maxmemory-policy
+noeviction`, or enough memory).
 """
 
 from __future__ import annotations
@@ -86,10 +94,13 @@ class EntityCache:
         return end is None or end > _now_us()
 
     def _expire_at_ms(self, payload: bytes | None, expires_us: int | None) -> int | None:
-        """The L2 PXAT of an entry (floored to the ms: never past its end), or None for the cache TTL."""
+        """The L2 PXAT of an entry with an end of its own: that end or a cache TTL from now,
+        whichever is later (the module docstring says why); None for the cache TTL alone."""
         if expires_us is None and payload is not None and self._expires is not None:
             expires_us = self._expires(payload)
-        return expires_us // 1000 if expires_us is not None else None
+        if expires_us is None:
+            return None
+        return max(expires_us // 1000, _now_us() // 1000 + self._l2.ttl_ms)
 
     async def get(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> bytes | None:
         """The entity's wire bytes, or None when it does not exist."""
@@ -116,9 +127,10 @@ class EntityCache:
         try:
             loaded = await self._from_l2(key)
             if loaded is None:
+                read_at = time.monotonic()
                 loaded = await load()
                 if loaded is not None:
-                    await self._fill(key, loaded[0], loaded[1])
+                    await self._fill(key, loaded[0], loaded[1], read_at)
             future.set_result(loaded)
             return loaded
         except BaseException as exc:
@@ -145,12 +157,17 @@ class EntityCache:
             self._l1.put_if_newer(key, entry.version, entry.payload)
         return entry.version, entry.payload
 
-    async def _fill(self, key: Key, version: int, payload: bytes) -> None:
+    async def _fill(self, key: Key, version: int, payload: bytes, read_at: float) -> None:
+        """Put a row read at `read_at` (time.monotonic()) into both tiers, unless something newer is known."""
         if self.before_fill is not None:
             await self.before_fill(key)
-        expire_at_ms = self._expire_at_ms(payload, None)
-        if expire_at_ms is not None and expire_at_ms <= _now_us() // 1000:
+        if not self._live(payload):
             return  # already over: nothing to cache
+        if self._l2.enabled and (time.monotonic() - read_at) * 1000 >= self._l2.ttl_ms / 2:
+            # Too old to prove against L2: a newer entry written after the read may be gone by now.
+            metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l2").inc()
+            return
+        expire_at_ms = self._expire_at_ms(payload, None)
         if self._l2_usable():
             try:
                 applied, _ = await self._l2.set_if_newer(self.l2_key(key), version, payload, expire_at_ms=expire_at_ms)
@@ -198,10 +215,11 @@ class EntityCache:
                         still.append(key)
                 missing = still
         if missing:
+            read_at = time.monotonic()
             loaded = await load_many(missing)
             for key, (version, payload) in loaded.items():
                 found[key] = payload
-                await self._fill(key, version, payload)
+                await self._fill(key, version, payload, read_at)
         return found
 
     async def written(self, key: Key, version: int, payload: bytes | None, *, expires_us: int | None = None) -> None:
@@ -225,9 +243,6 @@ class EntityCache:
                 self._circuit.failed(ConnectionError("invalidation not published"))
             return
         expire_at_ms = self._expire_at_ms(payload, expires_us)
-        if expire_at_ms is not None:
-            # Already over: keep the entry (and its version) for a moment; reads see it as a miss.
-            expire_at_ms = max(expire_at_ms, _now_us() // 1000 + 1)
         sequence, message = self._bus.envelope(self.kind, f"{key[0]}:{key[1]}:{version}")
         try:
             _, receivers = await self._l2.set_if_newer(

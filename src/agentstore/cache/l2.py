@@ -60,6 +60,10 @@ class L2Cache:
     def enabled(self) -> bool:
         return self._ttl_ms > 0
 
+    @property
+    def ttl_ms(self) -> int:
+        return self._ttl_ms
+
     async def get(self, key: str) -> L2Entry | None:
         raw = await self._client.get(key)
         return decode(cast(bytes, raw)) if raw is not None else None
