@@ -17,9 +17,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cachetools import TTLCache
-
 from agentstore.cache.bus import InvalidationBus, Subscriber
+from agentstore.cache.lru import TtlLru
 from agentstore.config import Settings
 from agentstore.context import Principal, Role
 from agentstore.db import Database, Record
@@ -94,8 +93,11 @@ def required_role(rpc_name: str) -> Role:
     return Role.READER if rpc_name.startswith(_READ_VERBS) else Role.WRITER
 
 
-def check_role(principal: Principal, rpc_name: str) -> None:
-    needed = required_role(rpc_name)
+def check_role(principal: Principal, rpc_name: str, needed: Role | None = None) -> None:
+    """PERMISSION_DENIED unless the principal's role suffices; `needed`: required_role(rpc_name),
+    if the caller computed it ahead (the interceptor does, once per method)."""
+    if needed is None:
+        needed = required_role(rpc_name)
     if principal.role < needed:
         raise permission_denied(
             "ROLE_FORBIDDEN",
@@ -117,20 +119,36 @@ class Authenticator:
         self._bus: InvalidationBus | None = None
         ttl = settings.auth_cache_ttl_seconds
         # Keyed by the SHA-256 of the whole key: nothing guessable, nothing secret in memory twice.
-        self._cache: TTLCache[bytes, tuple[Principal, datetime | None]] | None = (
-            TTLCache(maxsize=10_000, ttl=ttl) if ttl > 0 else None
+        self._cache: TtlLru[bytes, tuple[Principal, datetime | None]] | None = (
+            TtlLru(maxsize=10_000, ttl=ttl) if ttl > 0 else None
         )
+
+    def cached(self, authorization: str | None) -> Principal | None:
+        """The principal of a key found in the cache (and not expired), else None.
+
+        A plain function, so that a cache hit (nearly every RPC) costs no coroutine; on None
+        the caller awaits `authenticate`, which also reports what is wrong with the key.
+        """
+        token = bearer_token(authorization)
+        return self._lookup(token) if token is not None else None
+
+    def _lookup(self, token: str) -> Principal | None:
+        if self._cache is None:
+            return None
+        cached = self._cache.get(hashlib.sha256(token.encode()).digest())
+        if cached is not None:
+            principal, expire_time = cached
+            if expire_time is None or expire_time > datetime.now(UTC):
+                return principal
+        return None
 
     async def authenticate(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
         if token is None:
             raise unauthenticated("API_KEY_MISSING", "send `authorization: Bearer <api key>` metadata")
-        cache_key = hashlib.sha256(token.encode()).digest()
-        cached = self._cache.get(cache_key) if self._cache is not None else None
-        if cached is not None:
-            principal, expire_time = cached
-            if expire_time is None or expire_time > datetime.now(UTC):
-                return principal
+        principal = self._lookup(token)
+        if principal is not None:
+            return principal
         parsed = parse_api_key(token)
         if parsed is None:
             raise unauthenticated("API_KEY_INVALID", "the API key is not valid")
@@ -139,7 +157,7 @@ class Authenticator:
         row = rows[0] if rows else None
         principal, expire_time = _principal_from_row(parsed, row)
         if self._cache is not None:
-            self._cache[cache_key] = (principal, expire_time)
+            self._cache[hashlib.sha256(token.encode()).digest()] = (principal, expire_time)
         return principal
 
     def attach_bus(self, bus: InvalidationBus) -> None:
@@ -156,9 +174,9 @@ class Authenticator:
         """Drop cached principals of a key, e.g. right after it was revoked."""
         if self._cache is None:
             return
-        for k, (principal, _) in list(self._cache.items()):
+        for k, (principal, _) in self._cache.items():
             if principal.key_id == key_id:
-                self._cache.pop(k, None)
+                self._cache.pop(k)
 
     def _forget_key_text(self, key: str) -> None:
         try:

@@ -102,13 +102,25 @@ class EntityCache:
             return None
         return max(expires_us // 1000, _now_us() // 1000 + self._l2.ttl_ms)
 
-    async def get(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> bytes | None:
-        """The entity's wire bytes, or None when it does not exist."""
+    def cached(self, key: Key) -> bytes | None:
+        """L1's bytes of the entity if they may be served (counted as an L1 hit), else None.
+
+        A plain function, so that an L1 hit costs no coroutine; on None the caller awaits `get`
+        (which looks at L1 again and counts the miss), or calls `get` right away.
+        """
         if self._l1_usable():
             payload = self._l1.get(key)
             if payload is not None and self._live(payload):
                 self._hits_l1.inc()
                 return payload
+        return None
+
+    async def get(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> bytes | None:
+        """The entity's wire bytes, or None when it does not exist."""
+        payload = self.cached(key)
+        if payload is not None:
+            return payload
+        if self._l1_usable():
             self._misses_l1.inc()
         loaded = await self._load_once(key, load)
         return loaded[1] if loaded is not None else None

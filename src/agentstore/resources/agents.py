@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -11,7 +12,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from agentstore import metrics
-from agentstore.cache.entity import EntityCache, Key, Loaded
+from agentstore.cache.entity import EntityCache, Key
 from agentstore.context import cache_bypassed, current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
 from agentstore.db.coalesce import PointReads
@@ -237,15 +238,15 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     async def GetAgent(self, request: agent_service_pb2.GetAgentRequest, context: Any) -> bytes:  # type: ignore[override]
         tenant = current_principal().tenant_id
         agent_id = parse_id(request.id)
-
-        async def load() -> Loaded:
-            return await self._point_reads.get(tenant, agent_id)
-
         if cache_bypassed():
-            loaded = await load()
+            loaded = await self._point_reads.get(tenant, agent_id)
             payload = loaded[1] if loaded is not None else None
         else:
-            payload = await self._cache.get((tenant, agent_id), load)
+            # An L1 hit answers without awaiting anything (no coroutine, no closure).
+            key = (tenant, agent_id)
+            payload = self._cache.cached(key)
+            if payload is None:
+                payload = await self._cache.get(key, functools.partial(self._point_reads.get, tenant, agent_id))
         if payload is None:
             raise agent_not_found(agent_id)
         return payload
