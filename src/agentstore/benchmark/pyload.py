@@ -35,6 +35,7 @@ GET_AGENT = "/agentstore.v1.AgentService/GetAgent"
 LIST_AGENTS = "/agentstore.v1.AgentService/ListAgents"
 CREATE_AGENT = "/agentstore.v1.AgentService/CreateAgent"
 UPDATE_AGENT = "/agentstore.v1.AgentService/UpdateAgent"
+BATCH_GET_AGENTS = "/agentstore.v1.AgentService/BatchGetAgents"
 BATCH_CREATE_TASKS = "/agentstore.v1.TaskService/BatchCreateTasks"
 CLAIM_TASK = "/agentstore.v1.TaskService/ClaimTask"
 COMPLETE_TASK = "/agentstore.v1.TaskService/CompleteTask"
@@ -93,6 +94,10 @@ class Recorder:
 @dataclass
 class Workload:
     """A picklable description of what every in-flight slot does, one operation at a time."""
+
+    # Whether the harness warms up for as long as it measures (at least --warmup), so that a
+    # workload over many keys is measured with caches in their steady state, not while they fill.
+    steady_state = False
 
     def setup(self, channel: grpc.aio.Channel, worker: int, workers: int, slots: int) -> None:
         """Build stubs and per-process state (runs in the worker, after unpickling)."""
@@ -192,6 +197,8 @@ class UpdateWithEtag(Workload):
 @dataclass
 class MixedZipf(Workload):
     """90% GetAgent / 10% UpdateAgent (heartbeat, no etag) over `agents` keys drawn Zipf(s)."""
+
+    steady_state = True
 
     agents: int = 100_000
     zipf_s: float = 1.1

@@ -47,6 +47,7 @@ from agentstore.benchmark.environment import (
 from agentstore.benchmark.options import Options
 from agentstore.benchmark.pyload import (
     BATCH_CREATE_TASKS,
+    BATCH_GET_AGENTS,
     CREATE_AGENT,
     GET_AGENT,
     LIST_AGENTS,
@@ -637,6 +638,11 @@ class Bench:
             },
         )
 
+    def warmup_for(self, workload: Workload) -> float:
+        if workload.steady_state:
+            return max(self.opts.warmup, self.opts.duration)
+        return self.opts.warmup
+
     async def measure_python(
         self,
         server: Server,
@@ -659,7 +665,7 @@ class Bench:
                 inflight_total=inflight or self.inflight,
                 duration=None if requests is not None else self.opts.duration,
                 requests=requests,
-                warmup=0 if requests is not None else self.opts.warmup,
+                warmup=0 if requests is not None else self.warmup_for(workload),
                 command_prefix=self.pinning.client_prefix(),
                 workdir=self.workdir / f"py-{server.name}-{uuid.uuid4().hex[:6]}",
                 on_go=sampler.start,
@@ -909,9 +915,30 @@ class Bench:
         await self._python_scenario(result, workload, "GetAgent+UpdateAgent", {})
         result.notes.append("2 RPCs per op, both counted")
 
+    async def _read_every_agent(self, server: Server) -> None:
+        """BatchGetAgents over every seeded agent, so the caches start as a long-running service's
+        would: all agents in L2, the most recently read in L1."""
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            batch_get = channel.unary_unary(
+                BATCH_GET_AGENTS, response_deserializer=agent_service_pb2.BatchGetAgentsResponse.FromString
+            )
+            for first in range(0, self.opts.agents, 1000):
+                ids = [agent_id(i) for i in range(first, min(first + 1000, self.opts.agents))]
+                request = agent_service_pb2.BatchGetAgentsRequest(ids=ids).SerializeToString()
+                response = await batch_get(request, metadata=self.metadata, timeout=60)
+                if len(response.agents) != len(ids):
+                    raise VerificationError(f"BatchGetAgents returned {len(response.agents)} of {len(ids)} agents")
+
     async def _mixed(self, result: ScenarioResult) -> None:
         workload = MixedZipf(agents=self.opts.agents)
-        await self._python_scenario(result, workload, "GetAgent/UpdateAgent", {})
+
+        async def run(server: Server) -> Measurement:
+            await self._read_every_agent(server)
+            return await self.measure_python(server, workload, rpc="GetAgent/UpdateAgent")
+
+        await self._agentstore_measure(result, {}, run)
+        result.echo = await self.reference("echo", result.name, result.name, workload=workload)
+        result.notes.append("warm caches: every agent read once before the run, then a warm-up as long as the run")
         result.naive = await self.reference("naive", "mixed", result.name, workload=workload)
         if self.opts.agents != 100_000:
             result.notes.append(f"over {self.opts.agents:,} agents")
