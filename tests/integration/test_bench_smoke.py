@@ -151,3 +151,17 @@ def test_bench_task_scenarios(servers: Servers, tmp_path: Path) -> None:
     assert "rows/s" in batches["notes"][0]
     assert "claim_complete" in doc["table"] and "batch_create_tasks" in doc["table"]
     assert not doc["problems"]
+
+
+def test_bench_mixed_with_warm_caches(servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(servers, tmp_path, "--scenario", "mixed", "--no-chart")
+    [row] = doc["scenarios"]
+    check_measured(row)
+    assert row["generator"] == "python"
+    assert any(note.startswith("warm caches") for note in row["notes"]), row["notes"]
+    # The cache hit ratios are reported (not checked: a slow Redis reply on a busy machine may send
+    # a read to PostgreSQL).
+    assert any(note.startswith("l1 hits") for note in row["notes"]), row["notes"]
+    refs = {ref["id"]: ref for ref in doc["references"]}
+    assert row["naive_reference"] in refs and row["echo_reference"] in refs
+    assert row["ratio_vs_naive"] > 0
