@@ -38,6 +38,7 @@ AGENTSTORE_FUNCTIONS = (
     "agentstore_read_api_key",
     "agentstore_proto_time",
     "agentstore_task_json",
+    "agentstore_agent_json",
 )
 AGENTSTORE_BIN = Path(sys.executable).parent / "agentstore"
 CLI_TIMEOUT = 60

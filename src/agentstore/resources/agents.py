@@ -21,6 +21,7 @@ from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
 from agentstore.query.listing import ListSpec
 from agentstore.resources.common import (
     MAX_BATCH_IDS,
+    audit_args,
     check_text,
     etag_matches,
     etag_of,
@@ -34,6 +35,7 @@ from agentstore.resources.common import (
     struct_to_json,
     to_timestamp,
     update_mask_paths,
+    with_audit,
     write_audit,
 )
 from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
@@ -52,19 +54,38 @@ GET_AGENT_FOR_UPDATE = f"{GET_AGENT} FOR UPDATE"
 # One round trip: the function sets the tenant for its statement, then selects (migration 0005).
 READ_AGENTS = f"SELECT {COLUMNS} FROM agentstore_read_agents($1, $2::uuid[])"
 
-INSERT_AGENT = f"""
-INSERT INTO agents (tenant_id, id, name, role, kind, status, capabilities, metadata, last_heartbeat_time)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
-RETURNING {COLUMNS}
-"""
+# A write and its audit row in one statement (with_audit; the JSON is built by
+# agentstore_agent_json, migration 0006). $10-$12: the audit's actor, key id and request id.
+INSERT_AGENT = with_audit(
+    f"""written AS (
+    INSERT INTO agents (tenant_id, id, name, role, kind, status, capabilities, metadata, last_heartbeat_time)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
+    RETURNING {COLUMNS}, agentstore_agent_json(agents) AS audit_after
+)""",
+    action="agent.create",
+    entity_type=ENTITY,
+    returning=COLUMNS,
+    first_param=10,
+)
 
-UPDATE_AGENT = f"""
-UPDATE agents
-SET name = $3, role = $4, kind = $5, status = $6, capabilities = $7, metadata = $8::jsonb,
-    last_heartbeat_time = $9, version = version + 1, update_time = now()
-WHERE tenant_id = $1 AND id = $2
-RETURNING {COLUMNS}
-"""
+# The caller holds the row lock (GET_AGENT_FOR_UPDATE); `before` reads the row as it was, since
+# every part of one statement sees the same snapshot.
+UPDATE_AGENT = with_audit(
+    f"""before AS (
+    SELECT agentstore_agent_json(a) AS audit FROM agents AS a WHERE a.tenant_id = $1 AND a.id = $2
+), written AS (
+    UPDATE agents
+    SET name = $3, role = $4, kind = $5, status = $6, capabilities = $7, metadata = $8::jsonb,
+        last_heartbeat_time = $9, version = version + 1, update_time = now()
+    WHERE tenant_id = $1 AND id = $2
+    RETURNING {COLUMNS}, agentstore_agent_json(agents) AS audit_after
+)""",
+    action="agent.update",
+    entity_type=ENTITY,
+    returning=COLUMNS,
+    first_param=10,
+    before="(SELECT audit FROM before)",
+)
 
 DELETE_AGENT = f"DELETE FROM agents WHERE tenant_id = $1 AND id = $2 RETURNING {COLUMNS}"
 
@@ -303,9 +324,7 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
             earlier = await replay_create(con, tenant, request_id, ENTITY, new_id, GET_AGENT)
             if earlier is not None:
                 return earlier
-            row = await con.fetchrow(INSERT_AGENT, tenant, new_id, *values)
-            await write_audit(con, principal, tenant, "agent.create", ENTITY, new_id, None, agent_from_row(row))
-            return row
+            return await con.fetchrow(INSERT_AGENT, tenant, new_id, *values, *audit_args(principal))
 
         return await self._written(await self._db.run(create, tenant))
 
@@ -323,11 +342,8 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
                 raise agent_not_found(agent_id)
             if not etag_matches(request.agent.etag, row["version"]):
                 raise etag_mismatch(ENTITY)
-            before = agent_from_row(row)
-            merged = merge_for_update(before, request.agent, paths)
-            updated = await con.fetchrow(UPDATE_AGENT, tenant, agent_id, *column_values(merged))
-            await write_audit(con, principal, tenant, "agent.update", ENTITY, agent_id, before, agent_from_row(updated))
-            return updated
+            merged = merge_for_update(agent_from_row(row), request.agent, paths)
+            return await con.fetchrow(UPDATE_AGENT, tenant, agent_id, *column_values(merged), *audit_args(principal))
 
         return await self._written(await self._db.run(update, tenant))
 

@@ -182,6 +182,39 @@ VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9)
 """
 
 
+def with_audit(
+    ctes: str,
+    *,
+    action: str,
+    entity_type: str,
+    returning: str,
+    first_param: int,
+    before: str = "NULL",
+    join: str = "",
+) -> str:
+    """One statement that writes and audits: `ctes` ends with a CTE named `written`, an INSERT or
+    UPDATE … RETURNING `id`, the columns in `returning` and `audit_after` (the row's
+    agentstore_<kind>_json, migration 0006); an audit row goes in per written row. $1 is the tenant;
+    the actor, key id and request id (audit_args) are parameters first_param … first_param + 2.
+    `before` is the SQL of the audit's `before` JSON; `join` may join and order the written rows.
+    Saves the audit round trip and the Python JSON encoding of write_audit."""
+    actor, key_id, request_id = first_param, first_param + 1, first_param + 2
+    return f"""
+WITH {ctes}, audited AS (
+    INSERT INTO audit_logs (tenant_id, actor, actor_key_id, action, entity_type, entity_id, before, after, request_id)
+    SELECT $1, ${actor}, ${key_id}, '{action}', '{entity_type}', w.id::text, {before}, w.audit_after, ${request_id}
+    FROM written AS w {join}
+)
+SELECT {returning} FROM written
+"""
+
+
+def audit_args(principal: Principal) -> tuple[str, uuid.UUID | None, str]:
+    """The actor, key id and request id of this call's audit rows (for with_audit)."""
+    ctx = current_request()
+    return principal.actor, principal.key_id, ctx.request_id if ctx is not None else ""
+
+
 async def write_audit(
     con: asyncpg.Connection,
     principal: Principal,

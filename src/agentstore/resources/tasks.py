@@ -39,6 +39,7 @@ from agentstore.resources import agents as agents_module
 from agentstore.resources.common import (
     AuditEntry,
     all_tenant_ids,
+    audit_args,
     check_text,
     created_resource_gone,
     etag_matches,
@@ -51,6 +52,7 @@ from agentstore.resources.common import (
     struct_to_json,
     to_timestamp,
     update_mask_paths,
+    with_audit,
     write_audits,
 )
 from agentstore.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -90,25 +92,24 @@ RETURNING {COLUMNS}
 # equal to what write_audits would encode, without a round of Python encoding per task; the
 # audit rows keep the order of the request. Only the columns PostgreSQL generates come back: the
 # response is built from the validated request (created_tasks), not decoded from 1,000 rows.
-INSERT_TASKS = f"""
-WITH input AS (
+INSERT_TASKS = with_audit(
+    """input AS (
     SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::int[])
                   WITH ORDINALITY AS u(id, title, description, priority, payload, caps, max_attempts, n)
-), inserted AS (
+), written AS (
     INSERT INTO tasks (tenant_id, id, title, description, priority, payload, required_capabilities, max_attempts)
     SELECT $1, u.id, u.title, u.description, u.priority, u.payload::jsonb,
            ARRAY(SELECT jsonb_array_elements_text(u.caps::jsonb)), u.max_attempts
     FROM input AS u
     ORDER BY u.n
     RETURNING id, status, attempts, create_time, update_time, version, agentstore_task_json(tasks) AS audit_after
-), audited AS (
-    INSERT INTO audit_logs (tenant_id, actor, actor_key_id, action, entity_type, entity_id, after, request_id)
-    SELECT $1, $9, $10, 'task.create', '{ENTITY}', i.id::text, i.audit_after, $11
-    FROM inserted AS i JOIN input AS u ON u.id = i.id
-    ORDER BY u.n
+)""",
+    action="task.create",
+    entity_type=ENTITY,
+    returning="id, status, attempts, create_time, update_time, version",
+    first_param=9,
+    join="JOIN input AS u ON u.id = w.id ORDER BY u.n",
 )
-SELECT id, status, attempts, create_time, update_time, version FROM inserted
-"""
 
 CLAIM_REQUEST_IDS = """
 INSERT INTO create_requests (tenant_id, request_id, resource_type, resource_id)
@@ -363,7 +364,7 @@ def created_tasks(
     validated creates (`columns`: id, then column_values, by create) and the columns PostgreSQL
     generated (INSERT_TASKS). Copying the request's payload Struct and sharing one Timestamp per
     distinct time costs a fraction of decoding 1,000 rows (JSON payloads, datetimes).
-    test_task_audit_json checks the result against the stored rows."""
+    test_audit_json checks the result against the stored rows."""
     stamps: dict[Any, timestamp_pb2.Timestamp] = {}
 
     def stamp(value: Any) -> timestamp_pb2.Timestamp:
@@ -729,14 +730,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             fresh = [i for i, r in enumerate(request_ids) if r is None or r not in earlier]
             inserted: dict[uuid.UUID, task_pb2.Task] = {}
             if fresh:
-                ctx = current_request()
                 rows = await con.fetch(
-                    INSERT_TASKS,
-                    tenant,
-                    *([col[i] for i in fresh] for col in columns),
-                    principal.actor,
-                    principal.key_id,
-                    ctx.request_id if ctx is not None else "",
+                    INSERT_TASKS, tenant, *([col[i] for i in fresh] for col in columns), *audit_args(principal)
                 )
                 inserted = created_tasks(request.requests, columns, fresh, rows)
             return [

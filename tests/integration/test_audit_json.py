@@ -1,6 +1,7 @@
-"""agentstore_task_json (migration 0006) builds a task's audit JSON inside PostgreSQL for
-BatchCreateTasks. It must equal the server's own encoding of the Task message (message_json of
-task_from_row), which every other task audit row uses, for tasks in every state."""
+"""agentstore_task_json and agentstore_agent_json (migration 0006) build audit JSON inside
+PostgreSQL, so that a write and its audit row go in one statement (BatchCreateTasks, CreateAgent,
+UpdateAgent). Each must equal the server's own encoding of the message (message_json of the row's
+message), which the other audit rows use, for rows in every state."""
 
 from __future__ import annotations
 
@@ -11,10 +12,20 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
+from prometheus_client import REGISTRY
 
+from agentstore.resources.agents import COLUMNS_OF as AGENT_COLUMNS_OF
+from agentstore.resources.agents import agent_from_row
 from agentstore.resources.common import message_json
 from agentstore.resources.tasks import COLUMNS_OF, task_from_row
-from agentstore.v1 import agent_service_pb2_grpc, task_pb2, task_service_pb2, task_service_pb2_grpc
+from agentstore.v1 import (
+    agent_pb2,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+)
 from tests.conftest import ScratchDatabase
 from tests.integration.helpers import create_agent, unique
 
@@ -175,3 +186,104 @@ async def test_batch_create_audit_rows_equal_the_returned_tasks(tasks_stub, tena
     no_cache = (*tenant.md(), ("cache-control", "no-cache"))
     for task in response.tasks:
         assert await tasks_stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id), metadata=no_cache) == task
+
+
+AGENT_ROW_AND_JSON = f"SELECT {AGENT_COLUMNS_OF.format(a='a.')}, agentstore_agent_json(a)::text AS j FROM agents a"
+
+
+async def test_agent_json_matches_the_message_encoding(agents_stub, tenant, database: ScratchDatabase) -> None:
+    md = tenant.md()
+    await create_agent(agents_stub, md, "bare")
+    rich = await create_agent(
+        agents_stub,
+        md,
+        'rich ü "quoted" \\ agent',
+        role="planner",
+        kind="llm",
+        capabilities=["python", "sql"],
+        metadata={"n": None, "i": 3, "f": 2.5, "nested": {"list": [1, "a", None, {}]}},
+    )
+    for status in (agent_pb2.AGENT_STATUS_OFFLINE, agent_pb2.AGENT_STATUS_ERROR):
+        agent = await create_agent(agents_stub, md, unique("s"))
+        heartbeat = agent_pb2.Agent(id=agent.id, status=status)
+        heartbeat.last_heartbeat_time.GetCurrentTime()
+        await agents_stub.UpdateAgent(
+            agent_service_pb2.UpdateAgentRequest(
+                agent=heartbeat, update_mask=field_mask_pb2.FieldMask(paths=["status", "last_heartbeat_time"])
+            ),
+            metadata=md,
+        )
+    con = await asyncpg.connect(database.owner_url)
+    try:
+        tenant_id = uuid.UUID(tenant.tenant.id)
+        await con.execute(
+            "UPDATE agents SET create_time = '2026-03-04T05:06:07Z', update_time = '2026-03-04T05:06:07.250Z' "
+            "WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            uuid.UUID(rich.id),
+        )
+        rows = await con.fetch(f"{AGENT_ROW_AND_JSON} WHERE a.tenant_id = $1", tenant_id)
+    finally:
+        await con.close()
+    assert {agent_from_row(r).status for r in rows} == {
+        agent_pb2.AGENT_STATUS_IDLE,
+        agent_pb2.AGENT_STATUS_OFFLINE,
+        agent_pb2.AGENT_STATUS_ERROR,
+    }
+    for row in rows:
+        expected = json.loads(message_json(agent_from_row(row)))
+        assert json.loads(row["j"]) == expected, row["name"]
+
+
+async def test_agent_create_and_update_audit_rows_equal_the_responses(
+    agents_stub, tenant, database: ScratchDatabase
+) -> None:
+    md = tenant.md()
+    created = await create_agent(agents_stub, md, unique("audited"), capabilities=["c"], metadata={"k": "v"})
+    patch = agent_pb2.Agent(id=created.id, role="renamed", etag=created.etag)
+    patch.metadata.update({"k": None})
+    updated = await agents_stub.UpdateAgent(
+        agent_service_pb2.UpdateAgentRequest(
+            agent=patch, update_mask=field_mask_pb2.FieldMask(paths=["role", "metadata"])
+        ),
+        metadata=md,
+    )
+    con = await asyncpg.connect(database.owner_url)
+    try:
+        audits = await con.fetch(
+            "SELECT action, before::text AS before, after::text AS after, actor_key_id, request_id FROM audit_logs"
+            " WHERE tenant_id = $1 AND entity_id = $2 ORDER BY revision",
+            uuid.UUID(tenant.tenant.id),
+            created.id,
+        )
+    finally:
+        await con.close()
+    assert [a["action"] for a in audits] == ["agent.create", "agent.update"]
+    create_row, update_row = audits
+    assert create_row["before"] is None
+    assert json.loads(create_row["after"]) == json.loads(message_json(created))
+    assert json.loads(update_row["before"]) == json.loads(message_json(created))
+    assert json.loads(update_row["after"]) == json.loads(message_json(updated))
+    assert all(a["actor_key_id"] == uuid.UUID(tenant.writer_key_id) and a["request_id"] for a in audits)
+
+
+def statements(method: str) -> float:
+    return REGISTRY.get_sample_value("agentstore_db_statements_total", {"method": method}) or 0.0
+
+
+async def test_create_and_update_write_their_audit_row_in_the_same_statement(agents_stub, tenant) -> None:
+    md = tenant.md()
+    await create_agent(agents_stub, md)  # the principal is cached from here on
+    before = statements("CreateAgent")
+    created = await create_agent(agents_stub, md)
+    # BEGIN + tenant, INSERT … with its audit row, COMMIT.
+    assert statements("CreateAgent") - before == 3
+    before = statements("UpdateAgent")
+    await agents_stub.UpdateAgent(
+        agent_service_pb2.UpdateAgentRequest(
+            agent=agent_pb2.Agent(id=created.id, role="r"), update_mask=field_mask_pb2.FieldMask(paths=["role"])
+        ),
+        metadata=md,
+    )
+    # BEGIN + tenant, SELECT … FOR UPDATE, UPDATE … with its audit row, COMMIT.
+    assert statements("UpdateAgent") - before == 4
