@@ -63,7 +63,8 @@ class EntityCache:
         self._bus = bus
         self._circuit = circuit
         self._prefix = f"{key_prefix}c:{kind}:"
-        self._inflight: dict[Key, asyncio.Future[Loaded]] = {}
+        # Flights by L2 key: a str hashes in C, a pair of UUIDs in Python (twice per dict operation).
+        self._inflight: dict[str, asyncio.Future[Loaded]] = {}
         # L2 keys whose post-commit write failed: until they are deleted, this process skips L2.
         self._unflushed: set[str] = set()
         # Test hook: awaited between a database read and the cache fill (forces the stale-set race).
@@ -131,13 +132,14 @@ class EntityCache:
         The flight ends only after the fill, so a caller arriving later finds the entry in L1 or
         L2 and never repeats the query.
         """
-        pending = self._inflight.get(key)
+        l2_key = self.l2_key(key)
+        pending = self._inflight.get(l2_key)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[Loaded] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        self._inflight[l2_key] = future
         try:
-            loaded = await self._from_l2(key)
+            loaded = await self._from_l2(key, l2_key)
             if loaded is None:
                 read_at = time.monotonic()
                 loaded = await load()
@@ -150,14 +152,14 @@ class EntityCache:
             future.exception()  # mark retrieved: followers re-raise it, nobody else must log it
             raise
         finally:
-            if self._inflight.get(key) is future:
-                del self._inflight[key]
+            if self._inflight.get(l2_key) is future:
+                del self._inflight[l2_key]
 
-    async def _from_l2(self, key: Key) -> tuple[int, bytes] | None:
+    async def _from_l2(self, key: Key, l2_key: str) -> tuple[int, bytes] | None:
         if not self._l2_usable():
             return None
         try:
-            entry = await self._l2.get(self.l2_key(key))
+            entry = await self._l2.get(l2_key)
         except Exception as exc:
             self._circuit.failed(exc)
             return None
@@ -241,12 +243,12 @@ class EntityCache:
         deleted entity would have ended; without it, `expires` of the payload, else the cache TTL.
         """
         # A flight that started before the commit may carry the old row: later readers must not join it.
-        self._inflight.pop(key, None)
+        l2_key = self.l2_key(key)
+        self._inflight.pop(l2_key, None)
         if payload is not None and self._l1.enabled:
             self._l1.put_if_newer(key, version, payload)
         else:
             self._l1.invalidate(key, version)
-        l2_key = self.l2_key(key)
         if not self._circuit.available:
             self._unflushed.add(l2_key)
             return
@@ -289,7 +291,7 @@ class EntityCache:
         try:
             parsed = (uuid.UUID(tenant), uuid.UUID(entity))
             self._l1.invalidate(parsed, int(version))
-            self._inflight.pop(parsed, None)
+            self._inflight.pop(self.l2_key(parsed), None)
         except ValueError:
             log.warning("malformed invalidation ignored", extra={"kind": self.kind})
 

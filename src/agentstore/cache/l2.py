@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+
+from agentstore.cache.pipelined_get import PipelinedGet
 
 # Set-if-newer and, in the same round trip, the cross-process invalidation message. ARGV[6] is
 # the expiry option: PX (ARGV[3] milliseconds from now) or PXAT (ARGV[3] is a Unix time in ms).
@@ -51,8 +54,10 @@ def decode(raw: bytes) -> L2Entry | None:
 
 
 class L2Cache:
-    def __init__(self, client: aioredis.Redis, ttl_seconds: float) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: float, getter: PipelinedGet | None = None) -> None:
+        """`getter`, if given, serves `get` (the hot read path) instead of redis-py."""
         self._client = client
+        self._get: Callable[[str], Awaitable[Any]] = getter.get if getter is not None else client.get
         self._ttl_ms = int(ttl_seconds * 1000)
         self._set_if_newer = client.register_script(_SET_IF_NEWER)
 
@@ -65,7 +70,7 @@ class L2Cache:
         return self._ttl_ms
 
     async def get(self, key: str) -> L2Entry | None:
-        raw = await self._client.get(key)
+        raw = await self._get(key)
         return decode(cast(bytes, raw)) if raw is not None else None
 
     async def get_many(self, keys: list[str]) -> list[L2Entry | None]:
