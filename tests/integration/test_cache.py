@@ -123,6 +123,38 @@ async def test_batch_get_mixes_tiers_and_keeps_request_order(agents_stub, app: A
     assert list(response.agents) == [by_id[i] for i in order]
 
 
+async def test_batch_get_fills_every_miss_and_refuses_a_stale_one(agents_stub, app: App, tenant) -> None:
+    """BatchGetAgents fills the keys it loaded in one Redis round trip, each set-if-newer on its
+    own: a key written between the batch's read and its fill keeps the newer version."""
+    md = tenant.md()
+    agents = [await create_agent(agents_stub, md) for _ in range(3)]
+    cache = app.caches["agent"]
+    keys = [(uuid.UUID(tenant.tenant.id), uuid.UUID(a.id)) for a in agents]
+    for key in keys:
+        await cache.forget(key)
+    read_done, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_: object) -> None:
+        read_done.set()
+        await release.wait()
+
+    cache.before_fill = hold
+    try:
+        batch = asyncio.ensure_future(
+            agents_stub.BatchGetAgents(
+                agent_service_pb2.BatchGetAgentsRequest(ids=[a.id for a in agents]), metadata=md
+            )
+        )
+        await asyncio.wait_for(read_done.wait(), 5)
+        updated = await rename(agents_stub, md, agents[1].id)
+        release.set()
+        assert list((await batch).agents) == agents  # read before the commit: fine to answer v1
+    finally:
+        cache.before_fill = None
+    assert [await cache.peek(k) for k in keys] == [(1, 1), (version_of(updated),) * 2, (1, 1)]
+    assert await get(agents_stub, md, agents[1].id) == updated
+
+
 # --- the stale-set race, forced ------------------------------------------------------------------
 
 

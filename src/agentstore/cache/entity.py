@@ -172,28 +172,40 @@ class EntityCache:
         return entry.version, entry.payload
 
     async def _fill(self, key: Key, version: int, payload: bytes, read_at: float) -> None:
-        """Put a row read at `read_at` (time.monotonic()) into both tiers, unless something newer is known."""
-        if self.before_fill is not None:
-            await self.before_fill(key)
-        if not self._live(payload):
-            return  # already over: nothing to cache
+        await self._fill_many([(key, version, payload)], read_at)
+
+    async def _fill_many(self, rows: list[tuple[Key, int, bytes]], read_at: float) -> None:
+        """Put rows read at `read_at` (time.monotonic()) into both tiers, each unless something
+        newer is known; one Redis round trip for all of them."""
+        hook = self.before_fill
+        if hook is not None:
+            for key, _, _ in rows:
+                await hook(key)
+        rows = [row for row in rows if self._live(row[2])]  # already over: nothing to cache
+        if not rows:
+            return
         if self._l2.enabled and (time.monotonic() - read_at) * 1000 >= self._l2.ttl_ms / 2:
             # Too old to prove against L2: a newer entry written after the read may be gone by now.
-            metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l2").inc()
+            metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l2").inc(len(rows))
             return
-        expire_at_ms = self._expire_at_ms(payload, None)
+        applied = [True] * len(rows)
         if self._l2_usable():
             try:
-                applied, _ = await self._l2.set_if_newer(self.l2_key(key), version, payload, expire_at_ms=expire_at_ms)
+                applied = await self._l2.set_many_if_newer(
+                    [
+                        (self.l2_key(key), version, payload, self._expire_at_ms(payload, None))
+                        for key, version, payload in rows
+                    ]
+                )
             except Exception as exc:
                 self._circuit.failed(exc)
-            else:
-                if not applied:
-                    metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l2").inc()
-                    # L2 knows something newer: do not trust our copy for L1 either.
-                    return
-        if self._l1_usable() and not self._l1.put_if_newer(key, version, payload):
-            metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l1").inc()
+        l1 = self._l1_usable()
+        for (key, version, payload), ok in zip(rows, applied, strict=True):
+            if not ok:
+                metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l2").inc()
+                # L2 knows something newer: do not trust our copy for L1 either.
+            elif l1 and not self._l1.put_if_newer(key, version, payload):
+                metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l1").inc()
 
     async def get_many(
         self, keys: Sequence[Key], load_many: Callable[[list[Key]], Awaitable[dict[Key, tuple[int, bytes]]]]
@@ -231,9 +243,10 @@ class EntityCache:
         if missing:
             read_at = time.monotonic()
             loaded = await load_many(missing)
-            for key, (version, payload) in loaded.items():
+            for key, (_, payload) in loaded.items():
                 found[key] = payload
-                await self._fill(key, version, payload, read_at)
+            if loaded:
+                await self._fill_many([(key, version, payload) for key, (version, payload) in loaded.items()], read_at)
         return found
 
     async def written(self, key: Key, version: int, payload: bytes | None, *, expires_us: int | None = None) -> None:

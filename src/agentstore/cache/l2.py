@@ -92,14 +92,30 @@ class L2Cache:
         With `expire_at_ms` (a Unix time in milliseconds) the entry expires then instead of after
         the cache's TTL: an entity with its own lifetime leaves Redis exactly when it ends.
         """
-        if expire_at_ms is not None:
-            expiry, mode = expire_at_ms, "PXAT"
-        else:
-            expiry, mode = (self._ttl_ms if self._ttl_ms > 0 else 1), "PX"
+        expiry, mode = self._expiry(expire_at_ms)
         applied, receivers = await self._set_if_newer(
             keys=[key], args=[version, encode(version, payload), expiry, channel, message, mode]
         )
         return bool(applied), int(receivers)
+
+    async def set_many_if_newer(self, entries: list[tuple[str, int, bytes, int | None]]) -> list[bool]:
+        """set_if_newer for each (key, version, payload, expire_at_ms), in one round trip
+        (a pipeline, not a transaction: each entry is its own set-if-newer)."""
+        if len(entries) == 1:
+            key, version, payload, expire_at_ms = entries[0]
+            return [(await self.set_if_newer(key, version, payload, expire_at_ms=expire_at_ms))[0]]
+        pipe = self._client.pipeline(transaction=False)
+        for key, version, payload, expire_at_ms in entries:
+            expiry, mode = self._expiry(expire_at_ms)
+            await self._set_if_newer(
+                keys=[key], args=[version, encode(version, payload), expiry, "", "", mode], client=pipe
+            )
+        return [bool(applied) for applied, _ in await pipe.execute()]
+
+    def _expiry(self, expire_at_ms: int | None) -> tuple[int, str]:
+        if expire_at_ms is not None:
+            return expire_at_ms, "PXAT"
+        return (self._ttl_ms if self._ttl_ms > 0 else 1), "PX"
 
     async def delete(self, keys: list[str]) -> None:
         if keys:
