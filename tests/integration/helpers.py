@@ -173,3 +173,31 @@ async def run_command(
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+class HeldFills:
+    """The stale-set race, forced: while active, every fill of `cache` (an EntityCache) stops
+    between its database read and its cache write until `release()` (the before_fill hook)."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+        self._read = asyncio.Event()
+        self._release = asyncio.Event()
+
+    async def _hold(self, _key: object) -> None:
+        self._read.set()
+        await self._release.wait()
+
+    def __enter__(self) -> HeldFills:
+        self._cache.before_fill = self._hold
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cache.before_fill = None
+
+    async def read_done(self) -> None:
+        """Until a reader has read the database and waits to fill."""
+        await asyncio.wait_for(self._read.wait(), 5)
+
+    def release(self) -> None:
+        self._release.set()

@@ -31,7 +31,7 @@ from agentstore.v1 import (
 )
 from tests.conftest import ScratchDatabase, Servers
 from tests.integration import conftest as itc
-from tests.integration.helpers import Metadata, create_agent, expect_error, unique
+from tests.integration.helpers import HeldFills, Metadata, create_agent, expect_error, unique
 
 NO_CACHE = (("cache-control", "no-cache"),)
 
@@ -132,25 +132,16 @@ async def test_batch_get_fills_every_miss_and_refuses_a_stale_one(agents_stub, a
     keys = [(uuid.UUID(tenant.tenant.id), uuid.UUID(a.id)) for a in agents]
     for key in keys:
         await cache.forget(key)
-    read_done, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(_: object) -> None:
-        read_done.set()
-        await release.wait()
-
-    cache.before_fill = hold
-    try:
+    with HeldFills(cache) as held:
         batch = asyncio.ensure_future(
             agents_stub.BatchGetAgents(
                 agent_service_pb2.BatchGetAgentsRequest(ids=[a.id for a in agents]), metadata=md
             )
         )
-        await asyncio.wait_for(read_done.wait(), 5)
+        await held.read_done()
         updated = await rename(agents_stub, md, agents[1].id)
-        release.set()
+        held.release()
         assert list((await batch).agents) == agents  # read before the commit: fine to answer v1
-    finally:
-        cache.before_fill = None
     assert [await cache.peek(k) for k in keys] == [(1, 1), (version_of(updated),) * 2, (1, 1)]
     assert await get(agents_stub, md, agents[1].id) == updated
 
@@ -195,26 +186,19 @@ async def test_stale_set_race_leaves_no_stale_entry(
             await get(rstub, tenant.md(), created.id)  # warm the reader's principal cache
             await reader.caches["agent"].forget(key)
 
-            read_done, release = asyncio.Event(), asyncio.Event()
-
-            async def hold(_: object) -> None:
-                read_done.set()
-                await release.wait()
-
-            reader.caches["agent"].before_fill = hold
-            stale_get = asyncio.create_task(get(rstub, tenant.md(), created.id))
-            await asyncio.wait_for(read_done.wait(), 5)
-            updated = await rename(wstub, tenant.md(), created.id)
-            # Let the invalidation reach the reader before its fill goes ahead.
-            for _ in range(200):
-                reader.bus.drain()
-                entry = reader.caches["agent"]._l1.entry(key)
-                if entry is not None and entry.version >= version_of(updated):
-                    break
-                await asyncio.sleep(0.01)
-            release.set()
-            assert version_of(await stale_get) == 1  # it read before the commit: fine to answer v1
-            reader.caches["agent"].before_fill = None
+            with HeldFills(reader.caches["agent"]) as held:
+                stale_get = asyncio.create_task(get(rstub, tenant.md(), created.id))
+                await held.read_done()
+                updated = await rename(wstub, tenant.md(), created.id)
+                # Let the invalidation reach the reader before its fill goes ahead.
+                for _ in range(200):
+                    reader.bus.drain()
+                    entry = reader.caches["agent"]._l1.entry(key)
+                    if entry is not None and entry.version >= version_of(updated):
+                        break
+                    await asyncio.sleep(0.01)
+                held.release()
+                assert version_of(await stale_get) == 1  # it read before the commit: fine to answer v1
 
             l1_version, l2_version = await reader.caches["agent"].peek(key)
             assert l1_version in (None, version_of(updated))
@@ -244,25 +228,16 @@ async def test_fill_older_than_half_the_l2_ttl_is_dropped(
             key = (uuid.UUID(tenant.tenant.id), uuid.UUID(created.id))
             await get(stub, tenant.md(), created.id)  # warm the principal cache
             await cache.forget(key)
-            read_done, release = asyncio.Event(), asyncio.Event()
-
-            async def hold(_: object) -> None:
-                read_done.set()
-                await release.wait()
-
-            cache.before_fill = hold
-            try:
+            with HeldFills(cache) as held:
                 stale_get = asyncio.create_task(get(stub, tenant.md(), created.id))
-                await asyncio.wait_for(read_done.wait(), 5)
+                await held.read_done()
                 updated = await rename(stub, tenant.md(), created.id)
                 await asyncio.sleep(0.6)  # v2's L2 entry (0.4 s) is gone
                 assert await cache.peek(key) == (version_of(updated), None)
                 cache._l1.drop(key)  # as in a process that only ever saw the invalidation
                 rejected = counter("agentstore_cache_stale_sets_rejected_total", kind="agent", tier="l2")
-                release.set()
+                held.release()
                 assert version_of(await stale_get) == 1  # it read before the commit: fine to answer v1
-            finally:
-                cache.before_fill = None
             assert counter("agentstore_cache_stale_sets_rejected_total", kind="agent", tier="l2") == rejected + 1
             assert await cache.peek(key) == (None, None)
             assert await get(stub, tenant.md(), created.id) == updated

@@ -27,7 +27,7 @@ from agentstore.embedded import free_port
 from agentstore.server import App, start_server
 from agentstore.v1 import agent_service_pb2_grpc, session_pb2, session_service_pb2, session_service_pb2_grpc
 from tests.integration.conftest import TenantKeys, server_settings
-from tests.integration.helpers import Metadata, create_agent, expect_error
+from tests.integration.helpers import HeldFills, Metadata, create_agent, expect_error
 from tests.integration.test_cache import _serve, _stop, _wait_serving
 
 if TYPE_CHECKING:
@@ -578,23 +578,14 @@ async def test_stale_set_race_leaves_no_stale_entry(
     cache = session_cache(app)
     await get(sessions_stub, tenant.md(), created.id)  # warm the principal and the agent caches
     await cache.forget(key)
-    read_done, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(_: object) -> None:
-        read_done.set()
-        await release.wait()
-
-    cache.before_fill = hold
-    try:
+    with HeldFills(cache) as held:
         stale_get = asyncio.create_task(get(sessions_stub, tenant.md(), created.id))
-        await asyncio.wait_for(read_done.wait(), 5)
+        await held.read_done()
         updated = await update(
             sessions_stub, tenant.md(), session_pb2.Session(id=created.id, user_id="new"), ["user_id"]
         )
-        release.set()
+        held.release()
         assert await stale_get == created  # it read before the commit: fine to answer v1
-    finally:
-        cache.before_fill = None
     assert await cache.peek(key) == (2, 2)
     assert await get(sessions_stub, tenant.md(), created.id) == updated
 
@@ -611,24 +602,15 @@ async def test_shorter_ttl_write_then_stale_fill_cannot_revive_the_session(
     cache = session_cache(app)
     await get(sessions_stub, tenant.md(), created.id)  # warm the principal and the agent caches
     await cache.forget(key)
-    read_done, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(_: object) -> None:
-        read_done.set()
-        await release.wait()
-
-    cache.before_fill = hold
-    try:
+    with HeldFills(cache) as held:
         stale_get = asyncio.create_task(get(sessions_stub, tenant.md(), created.id))
-        await asyncio.wait_for(read_done.wait(), 5)
+        await held.read_done()
         shortened = await update(
             sessions_stub, tenant.md(), session_pb2.Session(id=created.id, ttl=seconds(1)), ["ttl"]
         )
         await sleep_until(when(shortened.expire_time) + timedelta(milliseconds=50))
-        release.set()
+        held.release()
         assert await stale_get == created  # it read before the commit: fine to answer v1
-    finally:
-        cache.before_fill = None
     # Both tiers still hold version 2 (ended), not the stalled reader's version 1.
     assert cache._l1.entry(key) is None or cache._l1.entry(key).version == 2
     assert (await cache._l2.get(redis_key(app, tenant, created.id))).version == 2
