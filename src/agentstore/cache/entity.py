@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from agentstore import metrics
 from agentstore.cache.bus import InvalidationBus, Subscriber
-from agentstore.cache.l1 import L1Cache
+from agentstore.cache.l1 import Key, L1Cache
 from agentstore.cache.l2 import L2Cache
 from agentstore.cache.outage import RedisCircuit
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 # (version, wire bytes) of one row, or None when there is no such row.
 Loaded = tuple[int, bytes] | None
-Key = tuple[uuid.UUID, uuid.UUID]  # (tenant, id)
 # The Unix time in microseconds at which cached wire bytes stop being valid; None: no end of their own.
 Expiry = Callable[[bytes], int | None]
 

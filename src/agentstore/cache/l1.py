@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agentstore.cache.lru import TtlLru
 
-Key = tuple[uuid.UUID, uuid.UUID]
+Key = tuple[uuid.UUID, uuid.UUID]  # (tenant, id)
 
 
 @dataclass(slots=True, frozen=True)

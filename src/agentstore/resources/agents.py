@@ -12,7 +12,8 @@ import grpc
 from google.protobuf import empty_pb2
 
 from agentstore import metrics
-from agentstore.cache.entity import EntityCache, Key
+from agentstore.cache.entity import EntityCache
+from agentstore.cache.l1 import Key
 from agentstore.context import cache_bypassed, current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
 from agentstore.db.coalesce import PointReads
