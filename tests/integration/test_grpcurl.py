@@ -77,6 +77,26 @@ async def test_create_and_list_with_json(app: App, tenant: TenantKeys) -> None:
     assert json.loads(out) == created
 
 
+async def test_update_with_etag_and_mask_in_json(app: App, tenant: TenantKeys) -> None:
+    body = {"agent": {"name": f"updated-{uuid.uuid4().hex[:6]}", "role": "planner"}}
+    code, out, err = await grpcurl(app, "agentstore.v1.AgentService/CreateAgent", key=tenant.writer, data=body)
+    assert code == 0, err
+    created = json.loads(out)
+    # grpcurl 1.8 cannot read a FieldMask's canonical JSON string ("role"), only its object form
+    # (fullstorydev/grpcurl#393); the README shows this form.
+    patch = {
+        "agent": {"id": created["id"], "role": "lead", "etag": created["etag"]},
+        "update_mask": {"paths": ["role"]},
+    }
+    code, out, err = await grpcurl(app, "agentstore.v1.AgentService/UpdateAgent", key=tenant.writer, data=patch)
+    assert code == 0, err
+    updated = json.loads(out)
+    assert updated["role"] == "lead" and updated["name"] == created["name"] and updated["etag"] != created["etag"]
+    # The old etag no longer matches: ABORTED, with the reason in the details.
+    code, _out, err = await grpcurl(app, "agentstore.v1.AgentService/UpdateAgent", key=tenant.writer, data=patch)
+    assert code != 0 and "Aborted" in err and "ETAG_MISMATCH" in err, err
+
+
 async def test_health_check_needs_no_key(app: App) -> None:
     code, out, err = await grpcurl(app, "grpc.health.v1.Health/Check")
     assert code == 0, err
