@@ -226,18 +226,18 @@ async def write_audit(
     after: Message | None,
 ) -> None:
     """One audit row, in the caller's transaction, so it commits or vanishes with the change."""
-    ctx = current_request()
+    actor, key_id, request_id = audit_args(principal)
     await con.execute(
         INSERT_AUDIT,
         tenant_id,
-        principal.actor,
-        principal.key_id,
+        actor,
+        key_id,
         action,
         entity_type,
         str(entity_id),
         message_json(before) if before is not None else None,
         message_json(after) if after is not None else None,
-        ctx.request_id if ctx is not None else "",
+        request_id,
     )
 
 
@@ -259,13 +259,10 @@ async def write_audits(
     """Several audit rows in one statement, in the caller's transaction and in the given order."""
     if not entries:
         return
-    ctx = current_request()
     await con.execute(
         INSERT_AUDITS,
         tenant_id,
-        principal.actor,
-        principal.key_id,
-        ctx.request_id if ctx is not None else "",
+        *audit_args(principal),
         [e[0] for e in entries],
         [e[1] for e in entries],
         [str(e[2]) for e in entries],
