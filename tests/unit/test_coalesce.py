@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
 
+from agentstore.context import RequestContext, current_request, set_current_request
 from agentstore.db.coalesce import PointReads
 
 
@@ -95,3 +97,44 @@ async def test_reads_arriving_during_a_fetch_gather_into_the_next_batch() -> Non
     release.set()
     await asyncio.gather(first, *later)
     assert [len(ids) for ids in calls] == [1, 10]
+
+
+async def test_full_batches_waiting_for_a_slot_all_run() -> None:
+    """Batches that fill up while the tenant's fetch slots are busy queue up; none is forgotten."""
+    fetch = FakeFetch({})
+    reads = PointReads(fetch, max_batch=2, max_inflight=1)
+    tenant = uuid.uuid4()
+    results = await asyncio.wait_for(asyncio.gather(*(reads.get(tenant, uuid.uuid4()) for _ in range(7))), 2)
+    assert results == [None] * 7
+    assert [len(ids) for _, ids in fetch.calls] == [2, 2, 2, 1]
+
+
+async def test_the_batch_runs_under_the_latest_deadline_of_its_waiters() -> None:
+    """The first caller's tight deadline neither bounds nor fails the shared fetch."""
+    key = uuid.uuid4()
+    release = asyncio.Event()
+    seen: list[float | None] = []
+
+    async def slow_fetch(tenant: uuid.UUID, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        await release.wait()
+        ctx = current_request()
+        seen.append(ctx.time_remaining() if ctx is not None else -1.0)
+        return {key: "row"}
+
+    reads = PointReads(slow_fetch)
+    tenant = uuid.uuid4()
+
+    async def read(deadline_in: float | None) -> str | None:
+        deadline = time.monotonic() + deadline_in if deadline_in is not None else None
+        set_current_request(RequestContext(request_id="r", deadline=deadline))
+        async with asyncio.timeout(deadline_in):
+            return await reads.get(tenant, key)
+
+    tight = asyncio.ensure_future(read(0.05))
+    await asyncio.sleep(0)  # the tight caller starts the batch
+    relaxed = asyncio.ensure_future(read(None))
+    with pytest.raises(TimeoutError):
+        await tight
+    release.set()
+    assert await relaxed == "row"
+    assert seen == [None]  # the caller still waiting has no deadline

@@ -20,7 +20,7 @@ noeviction`, or enough memory).
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -31,6 +31,7 @@ from agentstore.cache.bus import InvalidationBus, Subscriber
 from agentstore.cache.l1 import Key, L1Cache
 from agentstore.cache.l2 import L2Cache
 from agentstore.cache.outage import RedisCircuit
+from agentstore.flight import Flight
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class EntityCache:
         self._circuit = circuit
         self._prefix = f"{key_prefix}c:{kind}:"
         # Flights by L2 key: a str hashes in C, a pair of UUIDs in Python (twice per dict operation).
-        self._inflight: dict[str, asyncio.Future[Loaded]] = {}
+        self._inflight: dict[str, Flight[Loaded]] = {}
         # L2 keys whose post-commit write failed: until they are deleted, this process skips L2.
         self._unflushed: set[str] = set()
         # Test hook: awaited between a database read and the cache fill (forces the stale-set race).
@@ -128,31 +129,35 @@ class EntityCache:
     async def _load_once(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> Loaded:
         """Single-flight over L2 and PostgreSQL: concurrent L1 misses of one key share one lookup.
 
-        The flight ends only after the fill, so a caller arriving later finds the entry in L1 or
-        L2 and never repeats the query.
+        The lookup is a Flight: it runs in a task of its own, so a caller that gives up (cancelled,
+        or out of deadline) leaves the others their result. It ends only after the fill, so a
+        caller arriving later finds the entry in L1 or L2 and never repeats the query.
         """
         l2_key = self.l2_key(key)
-        pending = self._inflight.get(l2_key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Loaded] = asyncio.get_running_loop().create_future()
-        self._inflight[l2_key] = future
-        try:
-            loaded = await self._from_l2(key, l2_key)
-            if loaded is None:
-                read_at = time.monotonic()
-                loaded = await load()
-                if loaded is not None:
-                    await self._fill(key, loaded[0], loaded[1], read_at)
-            future.set_result(loaded)
-            return loaded
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: followers re-raise it, nobody else must log it
-            raise
-        finally:
-            if self._inflight.get(l2_key) is future:
-                del self._inflight[l2_key]
+        flight = self._inflight.get(l2_key)
+        if flight is None or not flight.joinable:
+            flight = Flight(functools.partial(self._lookup, key, l2_key, load))
+            self._inflight[l2_key] = flight
+            flight.add_done_callback(functools.partial(self._landed, l2_key, flight))
+        return await flight.join()
+
+    async def _lookup(self, key: Key, l2_key: str, load: Callable[[], Awaitable[Loaded]]) -> Loaded:
+        loaded = await self._from_l2(key, l2_key)
+        if loaded is None:
+            read_at = time.monotonic()
+            loaded = await load()
+            if loaded is not None:
+                await self._fill(key, loaded[0], loaded[1], read_at)
+        return loaded
+
+    def _landed(self, l2_key: str, flight: Flight[Loaded]) -> None:
+        if self._inflight.get(l2_key) is flight:
+            del self._inflight[l2_key]
+
+    def waiting(self, key: Key) -> int:
+        """Callers waiting on the load of `key` in this process (for tests and introspection)."""
+        flight = self._inflight.get(self.l2_key(key))
+        return flight.waiting if flight is not None else 0
 
     async def _from_l2(self, key: Key, l2_key: str) -> tuple[int, bytes] | None:
         if not self._l2_usable():

@@ -161,19 +161,25 @@ class Database:
             return "the database has no agentstore schema; run `agentstore migrate apply` first"
         return None
 
-    def _budget(self) -> tuple[float, bool]:
+    def _left(self) -> tuple[float, bool]:
         """Seconds this unit of work may take, and whether the caller's deadline set them."""
         cap = self._settings.db_statement_timeout_seconds
         ctx = current_request()
         remaining = ctx.time_remaining() if ctx is not None else None
         if remaining is None or remaining >= cap:
             return cap, False
-        if remaining < _MIN_STATEMENT_BUDGET:
-            raise deadline_exceeded()
         return remaining, True
 
-    async def _acquire(self) -> tuple[float, asyncpg.Connection]:
-        """The seconds this unit of work may take, and a pooled connection to do it on."""
+    def _budget(self) -> tuple[float, bool]:
+        """As _left, but DEADLINE_EXCEEDED when too little is left to start a statement."""
+        budget, by_deadline = self._left()
+        if budget < _MIN_STATEMENT_BUDGET:
+            raise deadline_exceeded()
+        return budget, by_deadline
+
+    async def _acquire(self) -> tuple[float, bool, asyncpg.Connection]:
+        """The seconds this unit of work may take, whether the deadline set them, and a pooled
+        connection to do it on."""
         budget, by_deadline = self._budget()
         try:
             con = await self.pool.acquire(timeout=min(budget, self._settings.db_pool_acquire_timeout_seconds))
@@ -184,14 +190,14 @@ class Database:
             # the database cannot serve this call now.
             log.warning("database connection failed", extra={"error": type(exc).__name__})
             raise database_unavailable() from None
-        return budget, con
+        return budget, by_deadline, con
 
     @asynccontextmanager
     async def transaction(
         self, tenant_id: uuid.UUID | None, *, readonly: bool = False, platform_scope: bool = False
     ) -> AsyncIterator[asyncpg.Connection]:
         """One transaction with the tenant set for it alone; commits unless the block raises."""
-        budget, con = await self._acquire()
+        budget, _, con = await self._acquire()
         try:
             # One round trip opens the transaction and sets its context. The values are a UUID
             # and an integer produced here, never client text.
@@ -227,18 +233,23 @@ class Database:
         Only for the `agentstore_read_*` functions (migration 0005), which set the tenant inside
         the statement before they select; row-level security then applies as in `transaction`.
         The deadline is enforced client-side: on expiry asyncpg cancels the statement in PostgreSQL.
-        A lost connection is retried once on a fresh one, like other reads.
+        A read shared by several callers (agentstore.flight) whose deadline moved on while it ran
+        goes again with the time now left. A lost connection is retried once on a fresh one.
         """
-        for attempt in range(2):
-            budget, con = await self._acquire()
+        lost = 0
+        while True:
+            budget, by_deadline, con = await self._acquire()
             try:
                 rows: list[Record] = await con.fetch(query, *args, timeout=budget)
                 return rows
             except TimeoutError:
-                raise deadline_exceeded() from None
+                if not by_deadline or self._left()[0] < _MIN_STATEMENT_BUDGET:
+                    raise deadline_exceeded() from None
+                log.info("repeating a shared read whose deadline moved")
             except _CONNECTION_LOST as exc:
                 con.terminate()
-                if attempt == 0:
+                lost += 1
+                if lost == 1:
                     log.info("retrying read after %s", type(exc).__name__)
                     continue
                 raise database_unavailable() from None
@@ -249,7 +260,6 @@ class Database:
                 raise mapped from None
             finally:
                 await self.pool.release(con)
-        raise AssertionError("unreachable")
 
     async def run(
         self,
