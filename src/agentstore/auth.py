@@ -17,12 +17,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from agentstore.cache.bus import InvalidationBus, Subscriber
 from agentstore.cache.lru import TtlLru
 from agentstore.config import Settings
 from agentstore.context import Principal, Role
 from agentstore.db import Database, Record
 from agentstore.errors import permission_denied, unauthenticated
+from agentstore.redis.bus import ProcessBus, Subscriber
 
 KEY_PREFIX = "ask_"
 _SECRET_BYTES = 32
@@ -116,7 +116,7 @@ class Authenticator:
         self._db = db
         token = settings.platform_admin_token
         self._platform_token = token.get_secret_value().encode() if token else None
-        self._bus: InvalidationBus | None = None
+        self._bus: ProcessBus | None = None
         ttl = settings.auth_cache_ttl_seconds
         # Keyed by the SHA-256 of the whole key: nothing guessable, nothing secret in memory twice.
         self._cache: TtlLru[bytes, tuple[Principal, datetime | None]] | None = (
@@ -160,7 +160,7 @@ class Authenticator:
             self._cache[hashlib.sha256(token.encode()).digest()] = (principal, expire_time)
         return principal
 
-    def attach_bus(self, bus: InvalidationBus) -> None:
+    def attach_bus(self, bus: ProcessBus) -> None:
         """Revocations then reach every server process, not only this one."""
         self._bus = bus
         bus.subscribe(_BUS_KIND, Subscriber(on_message=self._forget_key_text, on_resync=self.clear))

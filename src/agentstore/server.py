@@ -21,24 +21,24 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from agentstore import metrics
 from agentstore.auth import Authenticator, check_role, required_role
-from agentstore.cache.bus import InvalidationBus
 from agentstore.cache.entity import EntityCache
 from agentstore.cache.l1 import L1Cache
 from agentstore.cache.l2 import L2Cache
-from agentstore.cache.outage import RedisCircuit
-from agentstore.cache.pipelined_get import PipelinedGet
 from agentstore.config import Settings
 from agentstore.context import RequestContext, set_current_request
 from agentstore.db import Database
 from agentstore.errors import ApiError, internal, invalid_argument
+from agentstore.jobs import cancel_and_wait, run_periodically
 from agentstore.query import PageTokenCodec
+from agentstore.redis.bus import ProcessBus
+from agentstore.redis.circuit import RedisCircuit
+from agentstore.redis.pipelined_get import PipelinedGet
 from agentstore.resources.achievements import AchievementService, Leaderboard, award_for_completion
 from agentstore.resources.agents import AgentService
 from agentstore.resources.audit import AuditLogService
 from agentstore.resources.sessions import PURGE_GRACE, SessionCache, SessionService
 from agentstore.resources.tasks import TaskService
 from agentstore.resources.tenants import TenantService
-from agentstore.tasks import cancel_and_wait, run_periodically
 from agentstore.v1 import (
     achievement_service_pb2,
     achievement_service_pb2_grpc,
@@ -264,7 +264,7 @@ class App:
     server: grpc.aio.Server
     health: Any
     port: int
-    bus: InvalidationBus
+    bus: ProcessBus
     circuit: RedisCircuit
     caches: dict[str, EntityCache]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -332,7 +332,7 @@ async def start_server(settings: Settings, database_url: str, redis_url: str) ->
         socket_connect_timeout=settings.redis_timeout_seconds,
     )
     circuit = RedisCircuit(redis_client)
-    bus = InvalidationBus(redis_url, f"{settings.redis_key_prefix}invalidate", redis_client)
+    bus = ProcessBus(redis_url, f"{settings.redis_key_prefix}invalidate", redis_client)
     authenticator = Authenticator(db, settings)
     authenticator.attach_bus(bus)
     codec = page_token_codec(settings)

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from agentstore.resources.agents import COLUMNS_OF as AGENT_COLUMNS_OF
 from agentstore.resources.agents import agent_from_row
-from agentstore.resources.common import message_json
+from agentstore.resources.fields import message_json
 from agentstore.resources.tasks import COLUMNS_OF, task_from_row
 from agentstore.v1 import (
     agent_pb2,

@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from agentstore.cache.pipelined_get import PipelinedGet
+from agentstore.redis.pipelined_get import PipelinedGet
 
 Answer = Callable[[list[bytes]], bytes | None]  # the reply to send (RESP), or None: stay silent
 

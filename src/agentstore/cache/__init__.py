@@ -1,1 +1,3 @@
-"""Redis-side caching machinery: the cross-process invalidation bus."""
+"""Read-through caching of entities: L1 (per-process LRU), L2 (Redis) and single-flight fills.
+
+EntityCache owns each kind's loader and encoder."""

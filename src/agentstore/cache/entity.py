@@ -27,11 +27,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 from agentstore import metrics
-from agentstore.cache.bus import InvalidationBus, Subscriber
 from agentstore.cache.l1 import Key, L1Cache
 from agentstore.cache.l2 import L2Cache
-from agentstore.cache.outage import RedisCircuit
 from agentstore.flight import Flight
+from agentstore.redis.bus import ProcessBus, Subscriber
+from agentstore.redis.circuit import RedisCircuit
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class EntityCache:
         kind: str,
         l1: L1Cache,
         l2: L2Cache,
-        bus: InvalidationBus,
+        bus: ProcessBus,
         circuit: RedisCircuit,
         key_prefix: str,
         expires: Expiry | None = None,

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from agentstore.cache.pipelined_get import PipelinedGet
+from agentstore.redis.pipelined_get import PipelinedGet
 
 # Set-if-newer and, in the same round trip, the cross-process invalidation message. ARGV[6] is
 # the expiry option: PX (ARGV[3] milliseconds from now) or PXAT (ARGV[3] is a Unix time in ms).

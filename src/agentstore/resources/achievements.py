@@ -30,14 +30,16 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from agentstore.cache.outage import RedisCircuit
 from agentstore.context import Principal, current_principal
 from agentstore.db import Database, Record
 from agentstore.errors import invalid_argument, invalid_field
 from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
 from agentstore.query.listing import ListSpec
+from agentstore.redis.circuit import RedisCircuit
 from agentstore.resources.agents import agent_not_found
-from agentstore.resources.common import check_text, fetch_page, parse_id, to_timestamp, write_audits
+from agentstore.resources.audit import write_audits
+from agentstore.resources.fields import check_text, parse_id, to_timestamp
+from agentstore.resources.paging import fetch_page
 from agentstore.v1 import achievement_pb2, achievement_service_pb2, achievement_service_pb2_grpc
 
 ENTITY = "achievement"

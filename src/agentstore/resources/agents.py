@@ -20,25 +20,22 @@ from agentstore.db.coalesce import PointReads
 from agentstore.errors import etag_mismatch, invalid_argument, invalid_field, not_found
 from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
 from agentstore.query.listing import ListSpec
-from agentstore.resources.common import (
+from agentstore.resources.audit import audit_args, with_audit, write_audit
+from agentstore.resources.fields import (
     MAX_BATCH_IDS,
-    audit_args,
     check_text,
     etag_matches,
     etag_of,
-    fetch_page,
     from_timestamp,
     json_to_struct,
     parse_id,
-    parse_request_id,
-    repeated_message_bytes,
-    replay_create,
     struct_to_json,
     to_timestamp,
-    update_mask_paths,
-    with_audit,
-    write_audit,
 )
+from agentstore.resources.idempotency import parse_request_id, replay_create
+from agentstore.resources.masks import update_mask_paths
+from agentstore.resources.paging import fetch_page
+from agentstore.resources.wire import repeated_message_bytes
 from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
 
 ENTITY = "agent"

@@ -20,34 +20,33 @@ from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
 
 from agentstore import metrics
-from agentstore.cache.bus import InvalidationBus
 from agentstore.cache.entity import EntityCache, Loaded
 from agentstore.cache.l1 import L1Cache
 from agentstore.cache.l2 import L2Cache
-from agentstore.cache.outage import RedisCircuit
 from agentstore.config import Settings
 from agentstore.context import cache_bypassed, current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
 from agentstore.errors import etag_mismatch, invalid_argument, invalid_field, not_found
+from agentstore.jobs import all_tenant_ids
 from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
 from agentstore.query.filter import FilterError, compile_filter
 from agentstore.query.listing import ListSpec
+from agentstore.redis.bus import ProcessBus
+from agentstore.redis.circuit import RedisCircuit
 from agentstore.resources.agents import GET_AGENT, agent_from_row
-from agentstore.resources.common import (
-    all_tenant_ids,
+from agentstore.resources.audit import write_audit
+from agentstore.resources.fields import (
     check_text,
     etag_matches,
     etag_of,
-    fetch_page,
     json_to_struct,
     parse_id,
-    parse_request_id,
-    replay_create,
     struct_to_json,
     to_timestamp,
-    update_mask_paths,
-    write_audit,
 )
+from agentstore.resources.idempotency import parse_request_id, replay_create
+from agentstore.resources.masks import update_mask_paths
+from agentstore.resources.paging import fetch_page
 from agentstore.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -247,7 +246,7 @@ class SessionCache(EntityCache):
     (PXAT), and a copy whose expire_time has passed is a miss in either tier (to the microsecond).
     """
 
-    def __init__(self, settings: Settings, l2: L2Cache, bus: InvalidationBus, circuit: RedisCircuit) -> None:
+    def __init__(self, settings: Settings, l2: L2Cache, bus: ProcessBus, circuit: RedisCircuit) -> None:
         l1 = L1Cache(settings.cache_l1_max_entries, settings.cache_l1_ttl_seconds)
         super().__init__(ENTITY, l1, l2, bus, circuit, settings.redis_key_prefix, expires=session_expiry)
 

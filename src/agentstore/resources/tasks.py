@@ -28,33 +28,28 @@ import grpc
 from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 
 from agentstore import metrics
-from agentstore.cache.bus import InvalidationBus, Subscriber
 from agentstore.cache.entity import EntityCache, Loaded
 from agentstore.context import Principal, Role, cache_bypassed, current_principal, current_request
 from agentstore.db import Database, Record
 from agentstore.errors import ApiError, etag_mismatch, invalid_argument, invalid_field, not_found
+from agentstore.jobs import all_tenant_ids
 from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
 from agentstore.query.listing import ListSpec
+from agentstore.redis.bus import ProcessBus, Subscriber
 from agentstore.resources import agents as agents_module
-from agentstore.resources.common import (
-    AuditEntry,
-    all_tenant_ids,
-    audit_args,
+from agentstore.resources.audit import AuditEntry, audit_args, with_audit, write_audits
+from agentstore.resources.fields import (
     check_text,
-    created_resource_gone,
     etag_matches,
     etag_of,
-    fetch_page,
     json_to_struct,
     parse_id,
-    parse_request_id,
-    replay_create,
     struct_to_json,
     to_timestamp,
-    update_mask_paths,
-    with_audit,
-    write_audits,
 )
+from agentstore.resources.idempotency import created_resource_gone, parse_request_id, replay_create
+from agentstore.resources.masks import update_mask_paths
+from agentstore.resources.paging import fetch_page
 from agentstore.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -514,7 +509,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         db: Database,
         page_tokens: PageTokenCodec,
         agent_cache: EntityCache,
-        bus: InvalidationBus,
+        bus: ProcessBus,
         task_cache: EntityCache | None = None,
         on_completion: CompletionHook | None = None,
         after_completion: Callable[[uuid.UUID, Any], Awaitable[None]] | None = None,

@@ -15,14 +15,9 @@ from agentstore.db import ConstraintReason, Database, Record, register_constrain
 from agentstore.errors import invalid_field, not_found
 from agentstore.query import FieldKind, PageTokenCodec, SortKey
 from agentstore.query.listing import ListSpec
-from agentstore.resources.common import (
-    check_text,
-    fetch_page,
-    from_timestamp,
-    parse_id,
-    to_timestamp,
-    write_audit,
-)
+from agentstore.resources.audit import write_audit
+from agentstore.resources.fields import check_text, from_timestamp, parse_id, to_timestamp
+from agentstore.resources.paging import fetch_page
 from agentstore.v1 import tenant_pb2, tenant_service_pb2, tenant_service_pb2_grpc
 
 TENANT_COLUMNS = "id, name, create_time, update_time"

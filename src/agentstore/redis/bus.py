@@ -1,4 +1,6 @@
-"""Cross-process invalidation over Redis pub/sub, read so that L1 can trust it.
+"""The bus between server processes, over Redis pub/sub: cache invalidations (acknowledged, so
+that L1 can trust them), and hints that need no acknowledgement (a task is ready to claim, an
+API key was revoked).
 
 Each server process holds one subscriber connection. A writer publishes `kind:key` after commit
 (in the same Redis round trip as its L2 write); every process drops what it cached under that key.
@@ -37,7 +39,7 @@ import redis.asyncio as aioredis
 from redis.connection import parse_url
 
 from agentstore import metrics
-from agentstore.tasks import cancel_and_wait
+from agentstore.jobs import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def _command(*parts: str | bytes) -> bytes:
     return b"".join(out)
 
 
-class InvalidationBus:
+class ProcessBus:
     def __init__(
         self,
         redis_url: str,

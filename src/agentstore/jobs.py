@@ -1,10 +1,13 @@
-"""Background jobs: running them periodically, and stopping them reliably."""
+"""Background jobs: running them periodically, stopping them reliably, and the tenants they visit."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
+
+from agentstore.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +38,12 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[None] | None]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=0.5)
+
+
+LIST_TENANT_IDS = "SELECT id FROM tenants ORDER BY id"
+
+
+async def all_tenant_ids(db: Database) -> list[uuid.UUID]:
+    """Every tenant, read under the platform scope: for jobs that visit each tenant in turn."""
+    rows = await db.run(lambda con: con.fetch(LIST_TENANT_IDS), None, readonly=True, platform_scope=True)
+    return [row["id"] for row in rows]

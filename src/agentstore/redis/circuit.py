@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from agentstore import metrics
-from agentstore.tasks import cancel_and_wait
+from agentstore.jobs import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
