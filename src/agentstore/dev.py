@@ -78,8 +78,7 @@ async def _ensure_app_role(owner_url: str) -> str:
 def _banner(address: str, key: str, platform_token: str) -> str:
     key_header = f'-H "authorization: Bearer {key}"'
     agent = (
-        '{"agent": {"name": "planner-1", "role": "planner", "capabilities": ["python"], '
-        '"metadata": {"region": "eu"}}}'
+        '{"agent": {"name": "planner-1", "role": "planner", "capabilities": ["python"], "metadata": {"region": "eu"}}}'
     )
     return f"""
 agentstore dev is serving on {address}

@@ -19,4 +19,3 @@ def replace_dsn(url: str, *, user: str | None = None, password: str | None = Non
         netloc = f"{userinfo}@{hostport}"
     path = f"/{quote(database, safe='')}" if database is not None else parts.path
     return urlunsplit(parts._replace(netloc=netloc, path=path))
-

@@ -620,8 +620,7 @@ class EmbeddedPostgres:
         info = _Postmaster.read(self.pgdata)
         if info is None or not self._accepting(info):
             raise RuntimeError(
-                f"PostgreSQL in {self.pgdata} started but is not accepting connections\n"
-                f"--- {log} ---\n{_tail(log)}"
+                f"PostgreSQL in {self.pgdata} started but is not accepting connections\n--- {log} ---\n{_tail(log)}"
             )
 
 
@@ -785,9 +784,7 @@ class EmbeddedRedis:
                     new_log = _read_from(log, log_offset) + errf.read().decode(errors="replace")
                     if "Address already in use" in new_log:
                         raise _PortInUseError(port)
-                    raise RuntimeError(
-                        f"redis-server exited with code {code} on port {port}:\n{new_log[-4000:]}"
-                    )
+                    raise RuntimeError(f"redis-server exited with code {code} on port {port}:\n{new_log[-4000:]}")
                 reply = _redis_pid(port, timeout=0.5)
                 if reply == proc.pid:
                     self._proc = proc

@@ -92,4 +92,3 @@ def permission_denied(reason: str, message: str) -> ApiError:
 
 def internal() -> ApiError:
     return ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the server log for this request id")
-

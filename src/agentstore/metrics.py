@@ -18,6 +18,7 @@ def serve_metrics(port: int) -> None:
     if port:
         start_http_server(port)
 
+
 CACHE_HITS = Counter("agentstore_cache_hits_total", "Cache hits, by entity kind and tier", ["kind", "tier"])
 CACHE_MISSES = Counter("agentstore_cache_misses_total", "Cache misses, by entity kind and tier", ["kind", "tier"])
 CACHE_STALE_SETS_REJECTED = Counter(

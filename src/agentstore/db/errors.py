@@ -107,8 +107,12 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str, str], ...] = (
         "DATABASE_UNAVAILABLE",
         "the database connection was terminated",
     ),
-    (asyncpg.InternalClientError, grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE",
-     "the database connection was lost"),
+    (
+        asyncpg.InternalClientError,
+        grpc.StatusCode.UNAVAILABLE,
+        "DATABASE_UNAVAILABLE",
+        "the database connection was lost",
+    ),
     (asyncpg.InterfaceError, grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database connection was lost"),
     (ConnectionError, grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database cannot be reached"),
     (OSError, grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database cannot be reached"),
@@ -143,4 +147,3 @@ def database_unavailable() -> ApiError:
 
 def deadline_exceeded() -> ApiError:
     return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the call's deadline ran out")
-

@@ -301,16 +301,12 @@ def _classify(tok: _Token) -> _Value:
     return _Value(_ValueKind.WORD, tok.text, tok)
 
 
-_TEXTUAL: Final = frozenset(
-    {_ValueKind.STRING, _ValueKind.WORD, _ValueKind.NUMBER, _ValueKind.TRUE, _ValueKind.FALSE}
-)
+_TEXTUAL: Final = frozenset({_ValueKind.STRING, _ValueKind.WORD, _ValueKind.NUMBER, _ValueKind.TRUE, _ValueKind.FALSE})
 _STRINGISH: Final = frozenset({_ValueKind.STRING, _ValueKind.WORD})
 
 _FIELD_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 _KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
-_UUID_RE: Final = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII
-)
+_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 _TIMESTAMP_RE: Final = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
     r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))?",
@@ -483,9 +479,7 @@ class _Parser:
         segments = member.text.split(".")
         for seg in segments:
             if not seg:
-                raise FilterError(
-                    f"empty segment in field path {_show(member.source)}", member.source, member.pos
-                )
+                raise FilterError(f"empty segment in field path {_show(member.source)}", member.source, member.pos)
         # Longest prefix first, so a field registered under a dotted name wins over a JSON path.
         for k in range(len(segments), 0, -1):
             name = ".".join(segments[:k])
@@ -501,18 +495,14 @@ class _Parser:
             return name, spec, path
         head = segments[0]
         if not _FIELD_NAME_RE.fullmatch(head):
-            raise FilterError(
-                f"expected a field name, found {_show(member.source)}", member.source, member.pos
-            )
+            raise FilterError(f"expected a field name, found {_show(member.source)}", member.source, member.pos)
         raise FilterError(f"unknown field {_show(member.source)}", member.source, member.pos)
 
     # per-kind compilation
 
     def _check_operator(self, name: str, op: _Token, allowed: frozenset[str]) -> None:
         if op.text not in allowed:
-            raise FilterError(
-                f"operator {_show(op.text)} is not supported for field {_show(name)}", op.source, op.pos
-            )
+            raise FilterError(f"operator {_show(op.text)} is not supported for field {_show(name)}", op.source, op.pos)
 
     @staticmethod
     def _wrong_value(name: str, expected: str, value: _Value) -> FilterError:
@@ -535,16 +525,13 @@ class _Parser:
             choices = sorted(spec.enum_values)
             listed = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
             raise FilterError(
-                f"invalid value {_show(value.token.source)} for field {_show(name)}; "
-                f"expected one of: {listed}",
+                f"invalid value {_show(value.token.source)} for field {_show(name)}; expected one of: {listed}",
                 value.token.source,
                 value.token.pos,
             )
         return f"({spec.column} {_SQL_OPERATORS[op.text]} {self._param(stored, 'text')})"
 
-    def _compile_timestamp(
-        self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value
-    ) -> str:
+    def _compile_timestamp(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
         self._check_operator(name, op, _ALL_COMPARISONS)
         if value.kind not in _STRINGISH:
             raise self._wrong_value(name, "an RFC 3339 timestamp string", value)
@@ -573,9 +560,7 @@ class _Parser:
             raise self._wrong_value(name, "a UUID", value)
         return f"({spec.column} {_SQL_OPERATORS[op.text]} {self._param(uuid.UUID(value.text), 'uuid')})"
 
-    def _compile_string_array(
-        self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value
-    ) -> str:
+    def _compile_string_array(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
         self._check_operator(name, op, frozenset({":"}))
         if value.kind not in _TEXTUAL:
             raise self._wrong_value(name, "a string", value)
