@@ -17,6 +17,7 @@ from google.protobuf import duration_pb2
 from agentstore.context import Principal, Role
 from agentstore.embedded import EmbeddedRedis, free_port
 from agentstore.resources.achievements import award_for_completion
+from agentstore.resources.leaderboard import leaderboard
 from agentstore.server import App, start_server
 from agentstore.v1 import (
     achievement_service_pb2,
@@ -228,7 +229,7 @@ async def test_leaderboard_is_rebuilt_after_redis_loses_it(
         if i == 0:
             # The first read builds the board; later awards update it in place.
             await board(stub, tenant.md())
-    key = app.leaderboard.key(uuid.UUID(tenant.tenant.id))  # type: ignore[union-attr]
+    key = app.deps.shared(leaderboard).key(uuid.UUID(tenant.tenant.id))
     assert await redis_client.exists(key)
     assert entries((await board(stub, tenant.md())).entries) == await sql_board(database, tenant)
 

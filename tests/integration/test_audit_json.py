@@ -1,7 +1,7 @@
-"""agentstore_task_json and agentstore_agent_json (migration 0006) build audit JSON inside
-PostgreSQL, so that a write and its audit row go in one statement (BatchCreateTasks, CreateAgent,
-UpdateAgent). Each must equal the server's own encoding of the message (message_json of the row's
-message), which the other audit rows use, for rows in every state."""
+"""agentstore_agent_json, agentstore_task_json (migration 0006) and agentstore_session_json (0007)
+build the audit JSON inside PostgreSQL, so that every write and its audit row go in one statement;
+they are the only encoding of those entities' audit JSON. Each must equal the protobuf JSON (proto
+field names, defaults omitted) of the resource the API answers, for rows in every state."""
 
 from __future__ import annotations
 
@@ -11,17 +11,21 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from prometheus_client import REGISTRY
 
 from agentstore.resources.agents import COLUMNS_OF as AGENT_COLUMNS_OF
 from agentstore.resources.agents import agent_from_row
-from agentstore.resources.fields import message_json
-from agentstore.resources.tasks import COLUMNS_OF, task_from_row
+from agentstore.resources.tasks.model import task_from_row
+from agentstore.resources.tasks.sql import COLUMNS_OF
 from agentstore.v1 import (
     agent_pb2,
     agent_service_pb2,
     agent_service_pb2_grpc,
+    session_pb2,
+    session_service_pb2,
+    session_service_pb2_grpc,
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
@@ -29,7 +33,7 @@ from agentstore.v1 import (
 from tests.conftest import ScratchDatabase
 from tests.integration.helpers import create_agent, unique
 
-ROW_AND_JSON = f"SELECT {COLUMNS_OF.format(t='t.')}, agentstore_task_json(t)::text AS j FROM tasks t"
+ROW_AND_JSON = f"SELECT {COLUMNS_OF.format(a='t.')}, agentstore_task_json(t)::text AS j FROM tasks t"
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +41,13 @@ def tasks_stub(channel) -> task_service_pb2_grpc.TaskServiceStub:
     return task_service_pb2_grpc.TaskServiceStub(channel)
 
 
+def api_json(message: Message) -> dict[str, object]:
+    """The protobuf JSON of what the API answered (the test's own encoding, not the server's)."""
+    return json.loads(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
 def python_json(row: asyncpg.Record) -> dict[str, object]:
-    return json.loads(message_json(task_from_row(row)))
+    return api_json(task_from_row(row))
 
 
 async def rows_of(database: ScratchDatabase, tenant_id: str) -> list[asyncpg.Record]:
@@ -178,7 +187,7 @@ async def test_batch_create_audit_rows_equal_the_returned_tasks(tasks_stub, tena
     # One row per task, in the order of the request, each equal to the task the caller got back.
     assert [a["entity_id"] for a in audits] == [t.id for t in response.tasks]
     for audit, task in zip(audits, response.tasks, strict=True):
-        assert json.loads(audit["after"]) == json.loads(message_json(task))
+        assert json.loads(audit["after"]) == api_json(task)
         assert audit["before"] is None
         assert audit["actor_key_id"] == uuid.UUID(tenant.writer_key_id)
         assert audit["actor"] and audit["request_id"]
@@ -231,7 +240,7 @@ async def test_agent_json_matches_the_message_encoding(agents_stub, tenant, data
         agent_pb2.AGENT_STATUS_ERROR,
     }
     for row in rows:
-        expected = json.loads(message_json(agent_from_row(row)))
+        expected = api_json(agent_from_row(row))
         assert json.loads(row["j"]) == expected, row["name"]
 
 
@@ -261,9 +270,9 @@ async def test_agent_create_and_update_audit_rows_equal_the_responses(
     assert [a["action"] for a in audits] == ["agent.create", "agent.update"]
     create_row, update_row = audits
     assert create_row["before"] is None
-    assert json.loads(create_row["after"]) == json.loads(message_json(created))
-    assert json.loads(update_row["before"]) == json.loads(message_json(created))
-    assert json.loads(update_row["after"]) == json.loads(message_json(updated))
+    assert json.loads(create_row["after"]) == api_json(created)
+    assert json.loads(update_row["before"]) == api_json(created)
+    assert json.loads(update_row["after"]) == api_json(updated)
     assert all(a["actor_key_id"] == uuid.UUID(tenant.writer_key_id) and a["request_id"] for a in audits)
 
 
@@ -287,3 +296,47 @@ async def test_create_and_update_write_their_audit_row_in_the_same_statement(age
     )
     # BEGIN + tenant, SELECT … FOR UPDATE, UPDATE … with its audit row, COMMIT.
     assert statements("UpdateAgent") - before == 4
+
+
+@pytest.mark.parametrize(
+    "ttl",
+    [
+        duration_pb2.Duration(seconds=90),
+        duration_pb2.Duration(seconds=5, nanos=250_000_000),
+        duration_pb2.Duration(seconds=7, nanos=1_000),
+    ],
+    ids=["whole", "millis", "micros"],
+)
+async def test_session_audit_rows_equal_the_responses(
+    channel, agents_stub, tenant, database: ScratchDatabase, ttl: duration_pb2.Duration
+) -> None:
+    stub = session_service_pb2_grpc.SessionServiceStub(channel)
+    md = tenant.md()
+    agent = await create_agent(agents_stub, md)
+    session = session_pb2.Session(agent_id=agent.id, user_id="u ü", ttl=ttl)
+    session.state.update({"step": "plan", "n": None, "nested": {"list": [1, "a", None, {}]}})
+    created = await stub.CreateSession(session_service_pb2.CreateSessionRequest(session=session), metadata=md)
+    patch = session_pb2.Session(id=created.id, etag=created.etag)
+    patch.state.update({"step": "act"})
+    updated = await stub.UpdateSession(
+        session_service_pb2.UpdateSessionRequest(
+            session=patch, update_mask=field_mask_pb2.FieldMask(paths=["state.step", "user_id"])
+        ),
+        metadata=md,
+    )
+    await stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=created.id, etag=updated.etag), metadata=md)
+    con = await asyncpg.connect(database.owner_url)
+    try:
+        audits = await con.fetch(
+            "SELECT action, before::text AS before, after::text AS after FROM audit_logs"
+            " WHERE tenant_id = $1 AND entity_id = $2 ORDER BY revision",
+            uuid.UUID(tenant.tenant.id),
+            created.id,
+        )
+    finally:
+        await con.close()
+    assert [a["action"] for a in audits] == ["session.create", "session.update", "session.delete"]
+    assert audits[0]["before"] is None and json.loads(audits[0]["after"]) == api_json(created)
+    assert json.loads(audits[1]["before"]) == api_json(created)
+    assert json.loads(audits[1]["after"]) == api_json(updated)
+    assert json.loads(audits[2]["before"]) == api_json(updated) and audits[2]["after"] is None

@@ -134,9 +134,7 @@ async def test_batch_get_fills_every_miss_and_refuses_a_stale_one(agents_stub, a
         await cache.forget(key)
     with HeldFills(cache) as held:
         batch = asyncio.ensure_future(
-            agents_stub.BatchGetAgents(
-                agent_service_pb2.BatchGetAgentsRequest(ids=[a.id for a in agents]), metadata=md
-            )
+            agents_stub.BatchGetAgents(agent_service_pb2.BatchGetAgentsRequest(ids=[a.id for a in agents]), metadata=md)
         )
         await held.read_done()
         updated = await rename(agents_stub, md, agents[1].id)

@@ -185,6 +185,43 @@ async def test_malformed_request_bytes(channel: grpc.aio.Channel, agents_stub, t
     assert agent_pb2.Agent.FromString(ok) == created
 
 
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff\xff", b"\x0a\x02\xc3\x28"], ids=["not-protobuf", "bad-utf8"])
+async def test_malformed_bytes_to_health_and_reflection(
+    channel: grpc.aio.Channel, garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Health and reflection need no key, but bytes that do not parse still get INVALID_ARGUMENT
+    (not UNKNOWN), and the server logs no traceback for them."""
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await check(garbage, timeout=CALL_TIMEOUT)
+    assert raised.value.code() == Code.INVALID_ARGUMENT
+
+    watch = channel.unary_stream(
+        "/grpc.health.v1.Health/Watch", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in watch(garbage, timeout=CALL_TIMEOUT):
+            pass
+    assert raised.value.code() == Code.INVALID_ARGUMENT
+
+    reflect = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    call = reflect(iter([garbage]), timeout=CALL_TIMEOUT)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert raised.value.code() == Code.INVALID_ARGUMENT
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+
+    health = health_pb2_grpc.HealthStub(channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)).status == SERVING
+
+
 async def test_message_too_large(extra_servers, tenant: TenantKeys) -> None:
     app = await extra_servers(max_receive_message_bytes=1024)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:

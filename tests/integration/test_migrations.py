@@ -22,9 +22,7 @@ from agentstore import migrate
 from tests.conftest import MIGRATIONS, REPO, Servers, create_empty_database, drop_database
 from tests.integration.helpers import run_command
 
-TENANT_TABLES = (
-    "tenants", "api_keys", "agents", "audit_logs", "create_requests", "tasks", "sessions", "achievements"
-)
+TENANT_TABLES = ("tenants", "api_keys", "agents", "audit_logs", "create_requests", "tasks", "sessions", "achievements")
 # Tables whose rows belong to one tenant through a tenant_id column.
 TENANT_SCOPED = ("api_keys", "agents", "audit_logs", "create_requests", "tasks", "sessions", "achievements")
 AGENTSTORE_FUNCTIONS = (
@@ -39,6 +37,9 @@ AGENTSTORE_FUNCTIONS = (
     "agentstore_proto_time",
     "agentstore_task_json",
     "agentstore_agent_json",
+    "agentstore_proto_duration",
+    "agentstore_session_json",
+    "agentstore_read_sessions",
 )
 AGENTSTORE_BIN = Path(sys.executable).parent / "agentstore"
 CLI_TIMEOUT = 60

@@ -48,7 +48,6 @@ async def expire_at_ms(client: Any, key: str) -> int:
     return int(await client.eval(_EXPIRE_AT_MS, 1, key))
 
 
-
 @pytest.fixture(scope="session")
 def sessions_stub(channel: grpc.aio.Channel) -> session_service_pb2_grpc.SessionServiceStub:
     return session_service_pb2_grpc.SessionServiceStub(channel)
@@ -105,8 +104,7 @@ def cache_key(tenant: TenantKeys, session_id: str) -> Key:
 
 
 def session_cache(app: App) -> Any:
-    assert app.sessions is not None
-    return app.sessions._cache
+    return app.caches["session"]
 
 
 def version_of(session: session_pb2.Session) -> int:
@@ -627,13 +625,12 @@ async def test_purge_removes_only_expired_rows(
 ) -> None:
     short = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(1))
     long = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(3600))
-    assert app.sessions is not None
-    await app.sessions.purge_expired(grace=timedelta(0))
+    await app.servicers["SessionService"].purge_expired(grace=timedelta(0))
     assert await row_exists(owner, short.id) and await row_exists(owner, long.id)
 
     await sleep_until(when(short.expire_time) + timedelta(milliseconds=20))
     # The periodic job keeps a grace period, so only the explicit grace-free call removes it.
-    purged = await app.sessions.purge_expired(grace=timedelta(0))
+    purged = await app.servicers["SessionService"].purge_expired(grace=timedelta(0))
     assert purged >= 1
     assert not await row_exists(owner, short.id)
     assert await row_exists(owner, long.id)

@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 from prometheus_client import REGISTRY
 
+from agentstore.resources.tasks import task_queue
 from agentstore.server import App
 from agentstore.v1 import (
     achievement_service_pb2,
@@ -395,8 +396,7 @@ async def test_lost_lease_cannot_complete_and_the_second_result_wins(app: App, t
         grpc.StatusCode.FAILED_PRECONDITION,
         "LEASE_LOST",
     )
-    assert app.task_service is not None
-    await app.task_service.sweep()  # what the background sweeper does every second
+    await app.deps.shared(task_queue).sweep()  # what the background sweeper does every second
     second = await claim(tasks_stub, md, fast.id)
     assert second.task.id == task.id and second.lease_token > first.lease_token and second.task.attempts == 2
     late = tasks_stub.CompleteTask(
@@ -424,12 +424,12 @@ async def test_expired_leases_requeue_then_fail_after_max_attempts(app: App, tas
     md = tenant.md()
     task = await create_task(tasks_stub, md, max_attempts=2)
     worker = await create_agent(agents_stub, md)
-    assert app.task_service is not None
+    queue = app.deps.shared(task_queue)
     for attempt in (1, 2):
         claimed = await claim(tasks_stub, md, worker.id, lease=1)
         assert claimed.task.attempts == attempt
         await asyncio.sleep(max(0.0, claimed.task.lease_expire_time.ToDatetime(UTC).timestamp() - _now()) + 0.05)
-        await app.task_service.sweep()
+        await queue.sweep()
         after = await tasks_stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id), metadata=md)
         assert after.attempts == attempt and after.error == "lease expired"
         expected = task_pb2.TASK_STATUS_PENDING if attempt == 1 else task_pb2.TASK_STATUS_FAILED
@@ -545,8 +545,7 @@ async def test_killed_complete_transaction_leaves_no_partial_state(
     task = await create_task(tasks_stub, md)
     worker = await create_agent(agents_stub, md)
     claimed = await claim(tasks_stub, md, worker.id)
-    service = app.task_service
-    assert service is not None
+    service = app.deps.shared(task_queue)
     killed: list[int] = []
 
     async def kill(con: asyncpg.Connection) -> None:

@@ -25,11 +25,15 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from agentstore import metrics
 from agentstore.cache.l1 import Key, L1Cache
 from agentstore.cache.l2 import L2Cache
+from agentstore.context import cache_bypassed
+from agentstore.db.coalesce import PointReads
 from agentstore.flight import Flight
+from agentstore.redis import REDIS_ERRORS
 from agentstore.redis.bus import ProcessBus, Subscriber
 from agentstore.redis.circuit import RedisCircuit
 
@@ -39,6 +43,10 @@ log = logging.getLogger(__name__)
 Loaded = tuple[int, bytes] | None
 # The Unix time in microseconds at which cached wire bytes stop being valid; None: no end of their own.
 Expiry = Callable[[bytes], int | None]
+# The point reads behind the cache: (version, wire bytes) of the tenant's rows among the ids.
+LoadMany = Callable[[uuid.UUID, list[uuid.UUID]], Awaitable[dict[uuid.UUID, tuple[int, bytes]]]]
+# A written row → (version, wire bytes, Unix µs when they stop being valid or None).
+Encode = Callable[[Any], tuple[int, bytes, int | None]]
 
 
 def _now_us() -> int:
@@ -54,9 +62,15 @@ class EntityCache:
         bus: ProcessBus,
         circuit: RedisCircuit,
         key_prefix: str,
+        load_many: LoadMany,
+        encode: Encode,
         expires: Expiry | None = None,
     ) -> None:
         self.kind = kind
+        self._load_many = load_many
+        # Single reads of one tenant that miss both tiers at once share one query.
+        self._point_reads: PointReads[tuple[int, bytes]] = PointReads(load_many)
+        self._encode = encode
         self._expires = expires
         self._l1 = l1
         self._l2 = l2
@@ -107,26 +121,33 @@ class EntityCache:
         """L1's bytes of the entity if they may be served (counted as an L1 hit), else None.
 
         A plain function, so that an L1 hit costs no coroutine; on None the caller awaits `get`
-        (which looks at L1 again and counts the miss), or calls `get` right away.
+        (which looks at L1 again and counts the miss), or calls `get` right away. Never a hit for a
+        request with `cache-control: no-cache`.
         """
-        if self._l1_usable():
+        if self._l1_usable() and not cache_bypassed():
             payload = self._l1.get(key)
             if payload is not None and self._live(payload):
                 self._hits_l1.inc()
                 return payload
         return None
 
-    async def get(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> bytes | None:
-        """The entity's wire bytes, or None when it does not exist."""
+    async def get(self, key: Key) -> bytes | None:
+        """The entity's wire bytes, or None when it does not exist.
+
+        With `cache-control: no-cache` on the request, PostgreSQL answers and no tier is touched.
+        """
         payload = self.cached(key)
         if payload is not None:
             return payload
-        if self._l1_usable():
-            self._misses_l1.inc()
-        loaded = await self._load_once(key, load)
+        if cache_bypassed():
+            loaded = await self._point_reads.get(key[0], key[1])
+        else:
+            if self._l1_usable():
+                self._misses_l1.inc()
+            loaded = await self._load_once(key)
         return loaded[1] if loaded is not None else None
 
-    async def _load_once(self, key: Key, load: Callable[[], Awaitable[Loaded]]) -> Loaded:
+    async def _load_once(self, key: Key) -> Loaded:
         """Single-flight over L2 and PostgreSQL: concurrent L1 misses of one key share one lookup.
 
         The lookup is a Flight: it runs in a task of its own, so a caller that gives up (cancelled,
@@ -136,16 +157,16 @@ class EntityCache:
         l2_key = self.l2_key(key)
         flight = self._inflight.get(l2_key)
         if flight is None or not flight.joinable:
-            flight = Flight(functools.partial(self._lookup, key, l2_key, load))
+            flight = Flight(functools.partial(self._lookup, key, l2_key))
             self._inflight[l2_key] = flight
             flight.add_done_callback(functools.partial(self._landed, l2_key, flight))
         return await flight.join()
 
-    async def _lookup(self, key: Key, l2_key: str, load: Callable[[], Awaitable[Loaded]]) -> Loaded:
+    async def _lookup(self, key: Key, l2_key: str) -> Loaded:
         loaded = await self._from_l2(key, l2_key)
         if loaded is None:
             read_at = time.monotonic()
-            loaded = await load()
+            loaded = await self._point_reads.get(key[0], key[1])
             if loaded is not None:
                 await self._fill(key, loaded[0], loaded[1], read_at)
         return loaded
@@ -164,7 +185,7 @@ class EntityCache:
             return None
         try:
             entry = await self._l2.get(l2_key)
-        except Exception as exc:
+        except REDIS_ERRORS as exc:
             self._circuit.failed(exc)
             return None
         if entry is None or entry.payload is None or not self._live(entry.payload):
@@ -201,7 +222,7 @@ class EntityCache:
                         for key, version, payload in rows
                     ]
                 )
-            except Exception as exc:
+            except REDIS_ERRORS as exc:
                 self._circuit.failed(exc)
         l1 = self._l1_usable()
         for (key, version, payload), ok in zip(rows, applied, strict=True):
@@ -211,18 +232,19 @@ class EntityCache:
             elif l1 and not self._l1.put_if_newer(key, version, payload):
                 metrics.CACHE_STALE_SETS_REJECTED.labels(self.kind, "l1").inc()
 
-    async def get_many(
-        self, keys: Sequence[Key], load_many: Callable[[list[Key]], Awaitable[dict[Key, tuple[int, bytes]]]]
-    ) -> dict[Key, bytes]:
-        """Wire bytes of the keys that exist; one MGET and one query for everything L1 lacks."""
-        found: dict[Key, bytes] = {}
+    async def get_many(self, tenant: uuid.UUID, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
+        """Wire bytes of the ids that exist; one MGET and one query for everything L1 lacks."""
+        if cache_bypassed():
+            return {i: value[1] for i, value in (await self._load_many(tenant, list(ids))).items()}
+        found: dict[uuid.UUID, bytes] = {}
         missing: list[Key] = []
         l1 = self._l1_usable()
-        for key in keys:
+        for entity_id in ids:
+            key = (tenant, entity_id)
             payload = self._l1.get(key) if l1 else None
             if payload is not None and self._live(payload):
                 self._hits_l1.inc()
-                found[key] = payload
+                found[entity_id] = payload
             else:
                 if l1:
                     self._misses_l1.inc()
@@ -230,14 +252,14 @@ class EntityCache:
         if missing and self._l2_usable():
             try:
                 entries = await self._l2.get_many([self.l2_key(k) for k in missing])
-            except Exception as exc:
+            except REDIS_ERRORS as exc:
                 self._circuit.failed(exc)
             else:
                 still: list[Key] = []
                 for key, entry in zip(missing, entries, strict=True):
                     if entry is not None and entry.payload is not None and self._live(entry.payload):
                         self._hits_l2.inc()
-                        found[key] = entry.payload
+                        found[key[1]] = entry.payload
                         if l1:
                             self._l1.put_if_newer(key, entry.version, entry.payload)
                     else:
@@ -246,19 +268,29 @@ class EntityCache:
                 missing = still
         if missing:
             read_at = time.monotonic()
-            loaded = await load_many(missing)
-            for key, (_, payload) in loaded.items():
-                found[key] = payload
+            loaded = await self._load_many(tenant, [key[1] for key in missing])
+            for entity_id, (_, payload) in loaded.items():
+                found[entity_id] = payload
             if loaded:
-                await self._fill_many([(key, version, payload) for key, (version, payload) in loaded.items()], read_at)
+                await self._fill_many(
+                    [((tenant, entity_id), version, payload) for entity_id, (version, payload) in loaded.items()],
+                    read_at,
+                )
         return found
 
-    async def written(self, key: Key, version: int, payload: bytes | None, *, expires_us: int | None = None) -> None:
-        """After commit: the entity is now at `version` (payload None: deleted at version - 1).
+    async def written(self, tenant: uuid.UUID, row: Any) -> bytes:
+        """After commit: the row's wire bytes (the RPC's response), now in both tiers of every
+        process. The row is encoded once: the response and the cache get the same bytes."""
+        version, payload, expires_us = self._encode(row)
+        await self._replaced((tenant, row["id"]), version, payload, expires_us)
+        return payload
 
-        `expires_us` (Unix µs) overrides when the L2 entry ends, e.g. a tombstone kept until the
-        deleted entity would have ended; without it, `expires` of the payload, else the cache TTL.
-        """
+    async def deleted(self, key: Key, version: int, *, expires_us: int | None = None) -> None:
+        """After commit: the entity at `version` is gone. A tombstone one version past it stays
+        (until `expires_us`, if later than the cache TTL), so no reader can put the old row back."""
+        await self._replaced(key, version + 1, None, expires_us)
+
+    async def _replaced(self, key: Key, version: int, payload: bytes | None, expires_us: int | None) -> None:
         # A flight that started before the commit may carry the old row: later readers must not join it.
         l2_key = self.l2_key(key)
         self._inflight.pop(l2_key, None)
@@ -279,7 +311,7 @@ class EntityCache:
             _, receivers = await self._l2.set_if_newer(
                 l2_key, version, payload, channel=self._bus.channel, message=message, expire_at_ms=expire_at_ms
             )
-        except Exception as exc:
+        except REDIS_ERRORS as exc:
             self._bus.forget(sequence)
             self._unflushed.add(l2_key)
             self._circuit.failed(exc)

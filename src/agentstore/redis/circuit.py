@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from agentstore import metrics
 from agentstore.jobs import cancel_and_wait
+from agentstore.redis.errors import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class RedisCircuit:
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._recover(), name="redis-probe")
 
+    async def ping(self) -> None:
+        await self._client.ping()
+
     async def _recover(self) -> None:
         while True:
             await asyncio.sleep(self._probe_interval)
@@ -51,9 +55,11 @@ class RedisCircuit:
                 await self._client.ping()
                 for hook in self.on_recovery:
                     await hook()
-            except asyncio.CancelledError:
-                raise
+            except REDIS_ERRORS:
+                continue  # still out
             except Exception:
+                # A bug in a hook must not keep the circuit open unnoticed: say so, and retry.
+                log.exception("redis recovery hook failed; the circuit stays open")
                 continue
             self._available = True
             metrics.DEPENDENCY_UP.labels("redis").set(1)

@@ -1,30 +1,27 @@
-"""Agents: SQL, row → proto, and the AgentService servicer."""
+"""Agents: SQL, row → proto, the AgentService servicer, and the agent status settlement the task
+queue asks for (only this module writes agent rows)."""
 
 from __future__ import annotations
 
-import functools
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import grpc
 from google.protobuf import empty_pb2
 
-from agentstore import metrics
 from agentstore.cache.entity import EntityCache
-from agentstore.cache.l1 import Key
-from agentstore.context import cache_bypassed, current_principal
+from agentstore.context import Principal, current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
-from agentstore.db.coalesce import PointReads
-from agentstore.errors import etag_mismatch, invalid_argument, invalid_field, not_found
+from agentstore.deps import Add, Deps, Resource
+from agentstore.errors import ApiError, invalid_argument, invalid_field, not_found
 from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
 from agentstore.query.listing import ListSpec
-from agentstore.resources.audit import audit_args, with_audit, write_audit
+from agentstore.resources.audit import audit_args, with_audit
 from agentstore.resources.fields import (
     MAX_BATCH_IDS,
     check_text,
-    etag_matches,
     etag_of,
     from_timestamp,
     json_to_struct,
@@ -33,8 +30,9 @@ from agentstore.resources.fields import (
     to_timestamp,
 )
 from agentstore.resources.idempotency import parse_request_id, replay_create
-from agentstore.resources.masks import update_mask_paths
+from agentstore.resources.leaderboard import Leaderboard, leaderboard
 from agentstore.resources.paging import fetch_page
+from agentstore.resources.spec import ResourceSpec, delete, loader, lock_for_update
 from agentstore.resources.wire import repeated_message_bytes
 from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
 
@@ -44,13 +42,6 @@ ENTITY = "agent"
 COLUMNS_OF = """{a}id, {a}name, {a}role, {a}kind, {a}status, {a}capabilities, {a}metadata::text AS metadata,
        {a}last_heartbeat_time, {a}create_time, {a}update_time, {a}version"""
 COLUMNS = COLUMNS_OF.format(a="")
-
-GET_AGENT = f"SELECT {COLUMNS} FROM agents WHERE tenant_id = $1 AND id = $2"
-
-GET_AGENT_FOR_UPDATE = f"{GET_AGENT} FOR UPDATE"
-
-# One round trip: the function sets the tenant for its statement, then selects (migration 0005).
-READ_AGENTS = f"SELECT {COLUMNS} FROM agentstore_read_agents($1, $2::uuid[])"
 
 # A write and its audit row in one statement (with_audit; the JSON is built by
 # agentstore_agent_json, migration 0006). $10-$12: the audit's actor, key id and request id.
@@ -66,12 +57,9 @@ INSERT_AGENT = with_audit(
     first_param=10,
 )
 
-# The caller holds the row lock (GET_AGENT_FOR_UPDATE); `before` reads the row as it was, since
-# every part of one statement sees the same snapshot.
+# The caller holds the row lock and read the row's audit JSON with it (lock_for_update): $10.
 UPDATE_AGENT = with_audit(
-    f"""before AS (
-    SELECT agentstore_agent_json(a) AS audit FROM agents AS a WHERE a.tenant_id = $1 AND a.id = $2
-), written AS (
+    f"""written AS (
     UPDATE agents
     SET name = $3, role = $4, kind = $5, status = $6, capabilities = $7, metadata = $8::jsonb,
         last_heartbeat_time = $9, version = version + 1, update_time = now()
@@ -81,11 +69,51 @@ UPDATE_AGENT = with_audit(
     action="agent.update",
     entity_type=ENTITY,
     returning=COLUMNS,
-    first_param=10,
-    before="(SELECT audit FROM before)",
+    first_param=11,
+    before="$10::jsonb",
 )
 
-DELETE_AGENT = f"DELETE FROM agents WHERE tenant_id = $1 AND id = $2 RETURNING {COLUMNS}"
+# The queue's lock on the agents whose status it settles: id order, so that two settlements never
+# deadlock; FOR NO KEY UPDATE does not block inserts that reference the agent.
+LOCK_AGENTS = """
+SELECT id, status, capabilities FROM agents WHERE tenant_id = $1 AND id = ANY($2::uuid[])
+ORDER BY id FOR NO KEY UPDATE
+"""
+
+# An agent's status follows the tasks it holds: BUSY with a RUNNING task, IDLE without. OFFLINE
+# and ERROR are left alone. Runs after the caller locked the agents (LOCK_AGENTS), in a fresh
+# snapshot, so tasks other transactions committed meanwhile count; bumps the version, and writes
+# an audit row, only on a real change. $3 is added to completed_task_count.
+SETTLE_AGENTS = with_audit(
+    f"""before AS (
+    SELECT b.id, b.status, agentstore_agent_json(b) AS audit FROM agents AS b
+    WHERE b.tenant_id = $1 AND b.id = ANY($2::uuid[])
+), next AS (
+    SELECT b.id, b.status AS old_status, b.audit,
+           CASE
+               WHEN b.status NOT IN ('IDLE', 'BUSY') THEN b.status
+               WHEN EXISTS (SELECT 1 FROM tasks t
+                            WHERE t.tenant_id = $1 AND t.assigned_agent_id = b.id AND t.status = 'RUNNING') THEN 'BUSY'
+               ELSE 'IDLE'
+           END AS status
+    FROM before AS b
+), written AS (
+    UPDATE agents AS a
+    SET status = n.status, completed_task_count = a.completed_task_count + $3,
+        version = a.version + (n.status <> n.old_status)::int,
+        update_time = CASE WHEN n.status <> n.old_status THEN now() ELSE a.update_time END
+    FROM next AS n
+    WHERE a.tenant_id = $1 AND a.id = n.id
+    RETURNING {COLUMNS_OF.format(a="a.")}, a.completed_task_count, n.status <> n.old_status AS changed,
+              n.audit AS audit_before, agentstore_agent_json(a) AS audit_after
+)""",
+    action="agent.update",
+    entity_type=ENTITY,
+    returning=f"{COLUMNS}, completed_task_count, changed",
+    first_param=4,
+    before="w.audit_before",
+    join="WHERE w.changed",
+)
 
 STATUS_TO_DB: dict[int, str] = {
     agent_pb2.AGENT_STATUS_IDLE: "IDLE",
@@ -133,7 +161,6 @@ LIST_SPEC = ListSpec(
 
 UPDATABLE = ("name", "role", "kind", "status", "capabilities", "metadata", "last_heartbeat_time")
 OUTPUT_ONLY = ("id", "create_time", "update_time", "etag")
-_MESSAGE_FIELDS = ("metadata", "last_heartbeat_time")
 
 MAX_NAME = 256
 MAX_LABEL = 128
@@ -167,21 +194,46 @@ def agent_from_row(row: Record) -> agent_pb2.Agent:
     return agent
 
 
-def agent_not_found(agent_id: uuid.UUID | str) -> Exception:
+def agent_not_found(agent_id: uuid.UUID | str) -> ApiError:
     return not_found("AGENT_NOT_FOUND", f"no agent {agent_id}")
 
 
-def column_values(agent: agent_pb2.Agent) -> list[Any]:
-    """The stored form of the mutable fields, validated, in the order INSERT/UPDATE take them."""
-    check_text(agent.name, "agent.name", max_len=MAX_NAME, required=True)
-    check_text(agent.role, "agent.role", max_len=MAX_LABEL)
-    check_text(agent.kind, "agent.kind", max_len=MAX_LABEL)
-    if agent.status not in STATUS_TO_DB and agent.status != agent_pb2.AGENT_STATUS_UNSPECIFIED:
+AGENT = ResourceSpec(
+    entity=ENTITY,
+    table="agents",
+    columns_of=COLUMNS_OF,
+    from_row=agent_from_row,
+    not_found=agent_not_found,
+    read_function="agentstore_read_agents",
+    json_function="agentstore_agent_json",
+    updatable=UPDATABLE,
+    output_only=OUTPUT_ONLY,
+)
+
+
+def validate(agent: agent_pb2.Agent, paths: Sequence[str] = UPDATABLE) -> None:
+    """Check the fields named in `paths` (every writable one for a create): before any transaction."""
+    if "name" in paths:
+        check_text(agent.name, "agent.name", max_len=MAX_NAME, required=True)
+    if "role" in paths:
+        check_text(agent.role, "agent.role", max_len=MAX_LABEL)
+    if "kind" in paths:
+        check_text(agent.kind, "agent.kind", max_len=MAX_LABEL)
+    if "status" in paths and agent.status not in STATUS_TO_DB and agent.status != agent_pb2.AGENT_STATUS_UNSPECIFIED:
         raise invalid_field("agent.status", "unknown status")
-    if len(agent.capabilities) > MAX_CAPABILITIES:
-        raise invalid_field("agent.capabilities", f"at most {MAX_CAPABILITIES} capabilities")
-    for i, capability in enumerate(agent.capabilities):
-        check_text(capability, f"agent.capabilities[{i}]", max_len=MAX_LABEL, required=True)
+    if "capabilities" in paths:
+        if len(agent.capabilities) > MAX_CAPABILITIES:
+            raise invalid_field("agent.capabilities", f"at most {MAX_CAPABILITIES} capabilities")
+        for i, capability in enumerate(agent.capabilities):
+            check_text(capability, f"agent.capabilities[{i}]", max_len=MAX_LABEL, required=True)
+    if "metadata" in paths:
+        struct_to_json(agent.metadata, "agent.metadata")
+    if "last_heartbeat_time" in paths and agent.HasField("last_heartbeat_time"):
+        from_timestamp(agent.last_heartbeat_time, "agent.last_heartbeat_time")
+
+
+def column_values(agent: agent_pb2.Agent) -> list[Any]:
+    """The stored form of the writable fields (validated already), in the order INSERT/UPDATE take them."""
     heartbeat = (
         from_timestamp(agent.last_heartbeat_time, "agent.last_heartbeat_time")
         if agent.HasField("last_heartbeat_time")
@@ -198,76 +250,63 @@ def column_values(agent: agent_pb2.Agent) -> list[Any]:
     ]
 
 
-def merge_for_update(stored: agent_pb2.Agent, patch: agent_pb2.Agent, paths: Sequence[str]) -> agent_pb2.Agent:
-    merged = agent_pb2.Agent()
-    merged.CopyFrom(stored)
-    for path in paths:
-        merged.ClearField(path)  # type: ignore[arg-type]
-        if path == "capabilities":
-            merged.capabilities.extend(patch.capabilities)
-        elif path in _MESSAGE_FIELDS:
-            if patch.HasField(path):  # type: ignore[arg-type]
-                getattr(merged, path).CopyFrom(getattr(patch, path))
-        else:
-            setattr(merged, path, getattr(patch, path))
-    if merged.status == agent_pb2.AGENT_STATUS_UNSPECIFIED:
-        raise invalid_field("agent.status", "cannot be set to AGENT_STATUS_UNSPECIFIED")
-    return merged
+# --- the status settlement the task queue asks for ------------------------------------------------
 
 
-def update_paths(request: agent_service_pb2.UpdateAgentRequest) -> list[str]:
-    """The fields to write: the mask's, `*` for all, or (no mask) every field set in the agent."""
-    mask = request.update_mask if request.HasField("update_mask") else None
-    return update_mask_paths(request.agent, mask, UPDATABLE, OUTPUT_ONLY)
+async def lock_agents(con: asyncpg.Connection, tenant: uuid.UUID, agent_ids: Sequence[uuid.UUID]) -> list[Record]:
+    """Lock the tenant's agents among `agent_ids` (id, status, capabilities), in id order."""
+    if not agent_ids:
+        return []
+    return list(await con.fetch(LOCK_AGENTS, tenant, sorted(set(agent_ids))))
+
+
+async def settle_agents(
+    con: asyncpg.Connection, principal: Principal, agent_ids: Sequence[uuid.UUID], completed: int = 0
+) -> list[Record]:
+    """BUSY or IDLE, from the tasks each agent now holds, for agents the caller locked
+    (lock_agents); `completed` is added to their completed_task_count. One statement; each agent
+    whose status changed gets its audit row in it. The settled rows (with completed_task_count and
+    `changed`); pass them to `AgentCache.settled` after commit."""
+    if not agent_ids:
+        return []
+    return list(await con.fetch(SETTLE_AGENTS, principal.tenant_id, list(agent_ids), completed, *audit_args(principal)))
+
+
+def agent_cache(deps: Deps) -> EntityCache:
+    """The one agent cache of a server, and its one loader."""
+    return deps.entity_cache(ENTITY, loader(deps.db, AGENT), AGENT.cache_entry)
+
+
+async def agents_settled(cache: EntityCache, tenant: uuid.UUID, settled: Sequence[Record]) -> None:
+    """After commit: the cache tiers take the new versions of agents whose status changed."""
+    for row in settled:
+        if row["changed"]:
+            await cache.written(tenant, row)
+
+
+# --- the servicer ---------------------------------------------------------------------------------
 
 
 class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     """Servicers only unpack the request, run one unit of work and build the response."""
 
-    def __init__(
-        self,
-        db: Database,
-        page_tokens: PageTokenCodec,
-        cache: EntityCache,
-        on_deleted: Callable[[uuid.UUID], Awaitable[None]] | None = None,
-    ) -> None:
+    def __init__(self, db: Database, page_tokens: PageTokenCodec, cache: EntityCache, board: Leaderboard) -> None:
         self._db = db
-        # After an agent's delete commits (its achievements went with it): e.g. drop the
-        # tenant's cached leaderboard so that the next read rebuilds it from PostgreSQL.
-        self._on_deleted = on_deleted
         self._page_tokens = page_tokens
         self._cache = cache
-        self._point_reads: PointReads[tuple[int, bytes]] = PointReads(self._fetch_agents)
+        # Deleting an agent deletes its awards: its tenant's leaderboard is rebuilt from PostgreSQL.
+        self._board = board
 
-    async def _fetch_agents(self, tenant: uuid.UUID, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, bytes]]:
-        """(version, wire bytes) of the tenant's agents among `ids`, in one query."""
-        rows = await self._db.read(READ_AGENTS, tenant, ids)
-        metrics.DB_LOADS.labels(ENTITY).inc()
-        return {
-            uuid.UUID(bytes=row["id"].bytes): (row["version"], agent_from_row(row).SerializeToString()) for row in rows
-        }
-
-    async def _written(self, row: Record) -> agent_pb2.Agent:
-        """After commit: the response, and the cache tiers replaced with it."""
-        agent = agent_from_row(row)
-        await self._cache.written((current_principal().tenant_id, row["id"]), row["version"], agent.SerializeToString())
-        return agent
-
-    # Answers wire bytes (cached or freshly encoded); the server's serializer passes them through.
+    # Reads and writes answer wire bytes (cached, or the one encoding of a written row); the
+    # server's serializer passes them through.
     async def GetAgent(self, request: agent_service_pb2.GetAgentRequest, context: Any) -> bytes:  # type: ignore[override]
-        tenant = current_principal().tenant_id
-        agent_id = parse_id(request.id)
-        if cache_bypassed():
-            loaded = await self._point_reads.get(tenant, agent_id)
-            payload = loaded[1] if loaded is not None else None
-        else:
-            # An L1 hit answers without awaiting anything (no coroutine, no closure).
-            key = (tenant, agent_id)
-            payload = self._cache.cached(key)
-            if payload is None:
-                payload = await self._cache.get(key, functools.partial(self._point_reads.get, tenant, agent_id))
+        key = (current_principal().tenant_id, parse_id(request.id))
+        # An L1 hit answers without awaiting anything (no coroutine).
+        payload = self._cache.cached(key)
         if payload is None:
-            raise agent_not_found(agent_id)
+            payload = await self._cache.get(key)
+            if payload is None:
+                raise agent_not_found(key[1])
         return payload
 
     async def BatchGetAgents(  # type: ignore[override]
@@ -276,30 +315,21 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         tenant = current_principal().tenant_id
         if len(request.ids) > MAX_BATCH_IDS:
             raise invalid_argument("INVALID_ID", f"at most {MAX_BATCH_IDS} ids", [("ids", f"at most {MAX_BATCH_IDS}")])
-        keys = [(tenant, parse_id(value, f"ids[{i}]")) for i, value in enumerate(request.ids)]
-
-        async def load_many(missing: list[Key]) -> dict[Key, tuple[int, bytes]]:
-            found = await self._fetch_agents(tenant, [key[1] for key in missing])
-            return {(tenant, agent_id): value for agent_id, value in found.items()}
-
-        if cache_bypassed():
-            found = {key: value[1] for key, value in (await load_many(keys)).items()}
-        else:
-            found = await self._cache.get_many(keys, load_many)
-        missing = [key[1] for key in keys if key not in found]
+        ids = [parse_id(value, f"ids[{i}]") for i, value in enumerate(request.ids)]
+        found = await self._cache.get_many(tenant, ids)
+        missing = [agent_id for agent_id in ids if agent_id not in found]
         if missing:
             raise agent_not_found(missing[0])
-        return repeated_message_bytes(1, (found[key] for key in keys))
+        return repeated_message_bytes(1, (found[agent_id] for agent_id in ids))
 
     async def ListAgents(
         self, request: agent_service_pb2.ListAgentsRequest, context: Any
     ) -> agent_service_pb2.ListAgentsResponse:
-        principal = current_principal()
         page, next_token = await fetch_page(
             self._db,
             self._page_tokens,
             LIST_SPEC,
-            principal.tenant_id,
+            current_principal().tenant_id,
             page_size=request.page_size,
             page_token=request.page_token,
             filter=request.filter,
@@ -309,60 +339,61 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
             agents=[agent_from_row(row) for row in page], next_page_token=next_token
         )
 
-    async def CreateAgent(self, request: agent_service_pb2.CreateAgentRequest, context: Any) -> agent_pb2.Agent:
+    async def CreateAgent(self, request: agent_service_pb2.CreateAgentRequest, context: Any) -> bytes:  # type: ignore[override]
         principal = current_principal()
         if not request.HasField("agent"):
             raise invalid_field("agent", "is required")
+        validate(request.agent)
         values = column_values(request.agent)
         request_id = parse_request_id(request.request_id)
         tenant = principal.tenant_id
 
         async def create(con: asyncpg.Connection) -> Record:
             new_id = uuid.uuid4()
-            earlier = await replay_create(con, tenant, request_id, ENTITY, new_id, GET_AGENT)
+            earlier = await replay_create(con, tenant, request_id, ENTITY, new_id, AGENT.get_sql)
             if earlier is not None:
                 return earlier
             return await con.fetchrow(INSERT_AGENT, tenant, new_id, *values, *audit_args(principal))
 
-        return await self._written(await self._db.run(create, tenant))
+        return await self._cache.written(tenant, await self._db.run(create, tenant))
 
-    async def UpdateAgent(self, request: agent_service_pb2.UpdateAgentRequest, context: Any) -> agent_pb2.Agent:
+    async def UpdateAgent(self, request: agent_service_pb2.UpdateAgentRequest, context: Any) -> bytes:  # type: ignore[override]
         principal = current_principal()
         if not request.HasField("agent"):
             raise invalid_field("agent", "is required")
-        agent_id = parse_id(request.agent.id, "agent.id")
-        paths = update_paths(request)
+        patch = request.agent
+        agent_id = parse_id(patch.id, "agent.id")
+        paths = AGENT.update_paths(patch, request.update_mask if request.HasField("update_mask") else None)
+        validate(patch, paths)
+        if "status" in paths and patch.status == agent_pb2.AGENT_STATUS_UNSPECIFIED:
+            raise invalid_field("agent.status", "cannot be set to AGENT_STATUS_UNSPECIFIED")
         tenant = principal.tenant_id
 
         async def update(con: asyncpg.Connection) -> Record:
-            row = await con.fetchrow(GET_AGENT_FOR_UPDATE, tenant, agent_id)
-            if row is None:
-                raise agent_not_found(agent_id)
-            if not etag_matches(request.agent.etag, row["version"]):
-                raise etag_mismatch(ENTITY)
-            merged = merge_for_update(agent_from_row(row), request.agent, paths)
-            return await con.fetchrow(UPDATE_AGENT, tenant, agent_id, *column_values(merged), *audit_args(principal))
+            row = await lock_for_update(con, AGENT, tenant, agent_id, patch.etag)
+            merged = AGENT.merged(agent_from_row(row), patch, paths)
+            values = column_values(merged)  # type: ignore[arg-type]
+            return await con.fetchrow(
+                UPDATE_AGENT, tenant, agent_id, *values, row["audit_before"], *audit_args(principal)
+            )
 
-        return await self._written(await self._db.run(update, tenant))
+        return await self._cache.written(tenant, await self._db.run(update, tenant))
 
     async def DeleteAgent(self, request: agent_service_pb2.DeleteAgentRequest, context: Any) -> empty_pb2.Empty:
         principal = current_principal()
         agent_id = parse_id(request.id)
         tenant = principal.tenant_id
-
-        async def delete(con: asyncpg.Connection) -> Record:
-            row = await con.fetchrow(DELETE_AGENT, tenant, agent_id)
-            if row is None:
-                raise agent_not_found(agent_id)
-            # Raising rolls the delete back.
-            if not etag_matches(request.etag, row["version"]):
-                raise etag_mismatch(ENTITY)
-            await write_audit(con, principal, tenant, "agent.delete", ENTITY, agent_id, agent_from_row(row), None)
-            return row
-
-        row = await self._db.run(delete, tenant)
-        # A tombstone one version past the deleted row: no reader can put the old row back.
-        await self._cache.written((tenant, agent_id), row["version"] + 1, None)
-        if self._on_deleted is not None:
-            await self._on_deleted(tenant)
+        row = await self._db.run(lambda con: delete(con, AGENT, principal, agent_id, request.etag), tenant)
+        await self._cache.deleted((tenant, agent_id), row["version"])
+        await self._board.invalidate(tenant)
         return empty_pb2.Empty()
+
+
+def register(add: Add, deps: Deps) -> None:
+    add(
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server,
+        AgentService(deps.db, deps.page_tokens, deps.shared(agent_cache), deps.shared(leaderboard)),
+    )
+
+
+RESOURCE = Resource.of(agent_service_pb2, "AgentService", register)

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from agentstore.context import Principal, current_principal, current_request
 from agentstore.db import Database, Record
+from agentstore.deps import Add, Deps, Resource
 from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
 from agentstore.query.listing import ListSpec
 from agentstore.resources.fields import json_to_struct, message_json, to_timestamp
@@ -32,19 +33,21 @@ def with_audit(
     returning: str,
     first_param: int,
     before: str = "NULL",
+    after: str = "w.audit_after",
     join: str = "",
 ) -> str:
-    """One statement that writes and audits: `ctes` ends with a CTE named `written`, an INSERT or
-    UPDATE … RETURNING `id`, the columns in `returning` and `audit_after` (the row's
-    agentstore_<kind>_json, migration 0006); an audit row goes in per written row. $1 is the tenant;
-    the actor, key id and request id (audit_args) are parameters first_param … first_param + 2.
-    `before` is the SQL of the audit's `before` JSON; `join` may join and order the written rows.
-    Saves the audit round trip and the Python JSON encoding of write_audit."""
+    """One statement that writes and audits. `ctes` ends with a CTE named `written` (an INSERT,
+    UPDATE or DELETE … RETURNING `id`, the columns in `returning`, and what `before` and `after`
+    use: by default `audit_after`, the row's agentstore_<kind>_json of migrations 0006/0007, the
+    one encoding of an entity's audit JSON). One audit row goes in per written row. $1 is the
+    tenant; the actor, key id and request id (audit_args) are parameters first_param …
+    first_param + 2. `join` may join, filter (WHERE) and order the written rows. Saves a round trip
+    per write."""
     actor, key_id, request_id = first_param, first_param + 1, first_param + 2
     return f"""
 WITH {ctes}, audited AS (
     INSERT INTO audit_logs (tenant_id, actor, actor_key_id, action, entity_type, entity_id, before, after, request_id)
-    SELECT $1, ${actor}, ${key_id}, '{action}', '{entity_type}', w.id::text, {before}, w.audit_after, ${request_id}
+    SELECT $1, ${actor}, ${key_id}, '{action}', '{entity_type}', w.id::text, {before}, {after}, ${request_id}
     FROM written AS w {join}
 )
 SELECT {returning} FROM written
@@ -180,3 +183,10 @@ class AuditLogService(audit_log_service_pb2_grpc.AuditLogServiceServicer):
         return audit_log_service_pb2.ListAuditLogsResponse(
             audit_logs=[audit_log_from_row(row) for row in page], next_page_token=next_token
         )
+
+
+def register(add: Add, deps: Deps) -> None:
+    add(audit_log_service_pb2_grpc.add_AuditLogServiceServicer_to_server, AuditLogService(deps.db, deps.page_tokens))
+
+
+RESOURCE = Resource.of(audit_log_service_pb2, "AuditLogService", register)

@@ -1,8 +1,9 @@
-"""Sessions: SQL, row → proto, the two-tier cache (L1, then Redis) whose entries expire with the
-session, the SessionService servicer, and the purge of expired rows.
+"""Sessions: SQL, row → proto, the SessionService servicer, and the purge of expired rows.
 
 A session is gone from the instant its expire_time passes: every statement checks
-`expire_time > now()`, so the purge only reclaims space and never decides visibility.
+`expire_time > now()`, so the purge only reclaims space and never decides visibility. Sessions read
+through L1 → L2 (key `<prefix>c:session:<tenant>:<id>`) → PostgreSQL like every cached kind; each
+cached copy ends at its session's expire_time (EntityCache's `expires`).
 """
 
 from __future__ import annotations
@@ -19,34 +20,21 @@ import grpc
 from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
 
-from agentstore import metrics
-from agentstore.cache.entity import EntityCache, Loaded
-from agentstore.cache.l1 import L1Cache
-from agentstore.cache.l2 import L2Cache
-from agentstore.config import Settings
-from agentstore.context import cache_bypassed, current_principal
+from agentstore.cache.entity import EntityCache
+from agentstore.context import current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
-from agentstore.errors import etag_mismatch, invalid_argument, invalid_field, not_found
+from agentstore.deps import Add, Deps, Resource
+from agentstore.errors import ApiError, invalid_argument, invalid_field, not_found
 from agentstore.jobs import all_tenant_ids
 from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
 from agentstore.query.filter import FilterError, compile_filter
 from agentstore.query.listing import ListSpec
-from agentstore.redis.bus import ProcessBus
-from agentstore.redis.circuit import RedisCircuit
-from agentstore.resources.agents import GET_AGENT, agent_from_row
-from agentstore.resources.audit import write_audit
-from agentstore.resources.fields import (
-    check_text,
-    etag_matches,
-    etag_of,
-    json_to_struct,
-    parse_id,
-    struct_to_json,
-    to_timestamp,
-)
+from agentstore.resources.agents import agent_cache
+from agentstore.resources.audit import audit_args, with_audit
+from agentstore.resources.fields import check_text, etag_of, json_to_struct, parse_id, struct_to_json, to_timestamp
 from agentstore.resources.idempotency import parse_request_id, replay_create
-from agentstore.resources.masks import update_mask_paths
 from agentstore.resources.paging import fetch_page
+from agentstore.resources.spec import ResourceSpec, delete, loader, lock_for_update
 from agentstore.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,31 +51,41 @@ PURGE_BATCH = 1000
 # never races the instant of expiry and an expired session can still be inspected for a while.
 PURGE_GRACE = timedelta(minutes=1)
 
-COLUMNS = """id, agent_id, user_id, state::text AS state, ttl, expire_time, create_time, update_time, version"""
-
+COLUMNS_OF = """{a}id, {a}agent_id, {a}user_id, {a}state::text AS state, {a}ttl, {a}expire_time, {a}create_time,
+       {a}update_time, {a}version"""
+COLUMNS = COLUMNS_OF.format(a="")
 # Every read and write sees only live sessions: expiry is exact, not up to the purge.
-GET_SESSION = f"SELECT {COLUMNS} FROM sessions WHERE tenant_id = $1 AND id = $2 AND expire_time > now()"
+LIVE = "AND expire_time > now()"
 
-GET_SESSION_FOR_UPDATE = f"{GET_SESSION} FOR UPDATE"
+# A write and its audit row in one statement (with_audit, agentstore_session_json of migration 0007).
+INSERT_SESSION = with_audit(
+    f"""written AS (
+    INSERT INTO sessions (tenant_id, id, agent_id, user_id, state, ttl, expire_time)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6::interval, now() + $6::interval)
+    RETURNING {COLUMNS}, agentstore_session_json(sessions) AS audit_after
+)""",
+    action="session.create",
+    entity_type=ENTITY,
+    returning=COLUMNS,
+    first_param=7,
+)
 
-INSERT_SESSION = f"""
-INSERT INTO sessions (tenant_id, id, agent_id, user_id, state, ttl, expire_time)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6::interval, now() + $6::interval)
-RETURNING {COLUMNS}
-"""
-
-# An update extends the session's life by its (possibly new) ttl, counted from now.
-UPDATE_SESSION = f"""
-UPDATE sessions
-SET user_id = $3, state = $4::jsonb, ttl = $5::interval, expire_time = now() + $5::interval,
-    version = version + 1, update_time = now()
-WHERE tenant_id = $1 AND id = $2 AND expire_time > now()
-RETURNING {COLUMNS}
-"""
-
-DELETE_SESSION = f"""
-DELETE FROM sessions WHERE tenant_id = $1 AND id = $2 AND expire_time > now() RETURNING {COLUMNS}
-"""
+# An update extends the session's life by its (possibly new) ttl, counted from now. The caller
+# holds the row lock and read its audit JSON with it (lock_for_update): $6.
+UPDATE_SESSION = with_audit(
+    f"""written AS (
+    UPDATE sessions
+    SET user_id = $3, state = $4::jsonb, ttl = $5::interval, expire_time = now() + $5::interval,
+        version = version + 1, update_time = now()
+    WHERE tenant_id = $1 AND id = $2 {LIVE}
+    RETURNING {COLUMNS}, agentstore_session_json(sessions) AS audit_after
+)""",
+    action="session.update",
+    entity_type=ENTITY,
+    returning=COLUMNS,
+    first_param=7,
+    before="$6::jsonb",
+)
 
 # The purge sees all tenants only through the platform scope of the tenants table; sessions
 # themselves are deleted one tenant (one row-level-security scope) at a time.
@@ -163,7 +161,7 @@ def session_from_row(row: Record) -> session_pb2.Session:
     return session
 
 
-def session_not_found(session_id: uuid.UUID | str) -> Exception:
+def session_not_found(session_id: uuid.UUID | str) -> ApiError:
     return not_found("SESSION_NOT_FOUND", f"no session {session_id}, or it has expired")
 
 
@@ -178,9 +176,27 @@ def ttl_of(duration: duration_pb2.Duration, field: str) -> timedelta:
     return ttl
 
 
+def validate(session: session_pb2.Session, paths: Sequence[str] = ("user_id", "state", "ttl")) -> None:
+    """Check the fields named in `paths` (every writable one for a create): before any transaction."""
+    if "user_id" in paths:
+        check_text(session.user_id, "session.user_id", max_len=MAX_USER_ID)
+    if "state" in paths:
+        struct_to_json(session.state, "session.state")
+    keys = [path[len(STATE_KEY_PREFIX) :] for path in paths if path.startswith(STATE_KEY_PREFIX)]
+    if keys:
+        # The values the state.<key> paths write; the size of the whole merged state is known only
+        # once the stored one is read (column_values checks it then).
+        patch = session_pb2.Session()
+        for key in keys:
+            if key in session.state.fields:
+                patch.state.fields[key].CopyFrom(session.state.fields[key])
+        struct_to_json(patch.state, "session.state")
+    if "ttl" in paths and session.HasField("ttl"):
+        ttl_of(session.ttl, "session.ttl")
+
+
 def column_values(session: session_pb2.Session) -> list[Any]:
-    """The stored form of the mutable fields, validated, in the order UPDATE takes them."""
-    check_text(session.user_id, "session.user_id", max_len=MAX_USER_ID)
+    """The stored form of the writable fields (validated already), in the order UPDATE takes them."""
     ttl = ttl_of(session.ttl, "session.ttl") if session.HasField("ttl") else DEFAULT_TTL
     return [session.user_id, struct_to_json(session.state, "session.state"), ttl]
 
@@ -188,9 +204,7 @@ def column_values(session: session_pb2.Session) -> list[Any]:
 def update_paths(request: session_service_pb2.UpdateSessionRequest) -> list[str]:
     """The fields to write: the mask's, `*` for all, or (no mask) every field set in the session."""
     mask = request.update_mask if request.HasField("update_mask") else None
-    paths = update_mask_paths(
-        request.session, mask, UPDATABLE, OUTPUT_ONLY, immutable=IMMUTABLE, key_prefixes=(STATE_KEY_PREFIX,)
-    )
+    paths = SESSION.update_paths(request.session, mask)
     if "state" in paths and any(p.startswith(STATE_KEY_PREFIX) for p in paths):
         raise invalid_argument(
             "INVALID_UPDATE_MASK",
@@ -237,20 +251,6 @@ def with_agent(filter: str, agent_id: uuid.UUID | None) -> str:
     return f"{narrowed} AND ({filter})" if filter.strip() else narrowed
 
 
-class SessionCache(EntityCache):
-    """Sessions read through L1 → L2 (key `<prefix>c:session:<tenant>:<id>`) → PostgreSQL.
-
-    An EntityCache of its own kind with its own L1, sharing L2, the invalidation bus and the Redis
-    circuit: versioned set-if-newer fills, single-flight, writes invalidated in every process
-    before they return. Each entry ends at its session's expire_time: L2 keys expire then
-    (PXAT), and a copy whose expire_time has passed is a miss in either tier (to the microsecond).
-    """
-
-    def __init__(self, settings: Settings, l2: L2Cache, bus: ProcessBus, circuit: RedisCircuit) -> None:
-        l1 = L1Cache(settings.cache_l1_max_entries, settings.cache_l1_ttl_seconds)
-        super().__init__(ENTITY, l1, l2, bus, circuit, settings.redis_key_prefix, expires=session_expiry)
-
-
 def session_expiry(payload: bytes) -> int:
     """When cached Session bytes stop being valid, in Unix µs; bytes this server did not write: now."""
     session = _decoded(payload)
@@ -272,56 +272,45 @@ def _expired(session: session_pb2.Session) -> bool:
     return _micros(session.expire_time) <= time.time_ns() // 1000
 
 
+SESSION = ResourceSpec(
+    entity=ENTITY,
+    table="sessions",
+    columns_of=COLUMNS_OF,
+    from_row=session_from_row,
+    not_found=session_not_found,
+    read_function="agentstore_read_sessions",
+    json_function="agentstore_session_json",
+    updatable=UPDATABLE,
+    output_only=OUTPUT_ONLY,
+    immutable=IMMUTABLE,
+    key_prefixes=(STATE_KEY_PREFIX,),
+    live=LIVE,
+    merge=merge_for_update,  # type: ignore[arg-type]
+    row_expires=lambda row: epoch_micros(row["expire_time"]),
+    expires=session_expiry,
+)
+
+
+def session_cache(deps: Deps) -> EntityCache:
+    return deps.entity_cache(ENTITY, loader(deps.db, SESSION), SESSION.cache_entry, expires=session_expiry)
+
+
 class SessionService(session_service_pb2_grpc.SessionServiceServicer):
     """Servicers only unpack the request, run one unit of work and build the response."""
 
-    def __init__(self, db: Database, page_tokens: PageTokenCodec, cache: SessionCache, agents: EntityCache) -> None:
+    def __init__(self, db: Database, page_tokens: PageTokenCodec, cache: EntityCache, agents: EntityCache) -> None:
         self._db = db
         self._page_tokens = page_tokens
         self._cache = cache
         self._agents = agents
 
-    async def _agent_exists(self, tenant: uuid.UUID, agent_id: uuid.UUID) -> bool:
-        """Through the agent cache, which DeleteAgent invalidates in every process before it
-        returns: deleting an agent cascades to its sessions in PostgreSQL, not in Redis."""
-
-        async def load() -> Loaded:
-            row = await self._db.run(lambda con: con.fetchrow(GET_AGENT, tenant, agent_id), tenant, readonly=True)
-            return (row["version"], agent_from_row(row).SerializeToString()) if row is not None else None
-
-        return await self._agents.get((tenant, agent_id), load) is not None
-
-    async def _written(self, tenant: uuid.UUID, row: Record) -> session_pb2.Session:
-        """After commit: the response, and both cache tiers (in every process) replaced with it."""
-        session = session_from_row(row)
-        await self._cache.written(
-            (tenant, row["id"]),
-            row["version"],
-            session.SerializeToString(),
-            expires_us=epoch_micros(row["expire_time"]),
-        )
-        return session
-
-    # Answers wire bytes (cached or freshly encoded); the server's serializer passes them through.
+    # Reads and writes answer wire bytes (cached, or the one encoding of a written row).
     async def GetSession(  # type: ignore[override]
         self, request: session_service_pb2.GetSessionRequest, context: Any
     ) -> bytes:
         tenant = current_principal().tenant_id
         session_id = parse_id(request.id)
-        queried = False
-
-        async def load() -> Loaded:
-            nonlocal queried
-            queried = True
-            row = await self._db.run(lambda con: con.fetchrow(GET_SESSION, tenant, session_id), tenant, readonly=True)
-            metrics.DB_LOADS.labels(ENTITY).inc()
-            return (row["version"], session_from_row(row).SerializeToString()) if row is not None else None
-
-        if cache_bypassed():
-            loaded = await load()
-            payload = loaded[1] if loaded is not None else None
-        else:
-            payload = await self._cache.get((tenant, session_id), load)
+        payload = await self._cache.get((tenant, session_id))
         if payload is None:
             raise session_not_found(session_id)
         session = _decoded(payload)
@@ -329,8 +318,9 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         # expired on its way here, so NOT_FOUND holds from the very microsecond of expiry.
         if session is None or _expired(session):
             raise session_not_found(session_id)
-        # A copy from a cache tier may outlive its agent: DeleteAgent cascades in PostgreSQL only.
-        if not queried and not await self._agent_exists(tenant, uuid.UUID(session.agent_id)):
+        # A cached copy may outlive its agent: DeleteAgent cascades to sessions in PostgreSQL only,
+        # and invalidates the agent (through the agent cache) in every process before it returns.
+        if await self._agents.get((tenant, uuid.UUID(session.agent_id))) is None:
             raise session_not_found(session_id)
         return payload
 
@@ -353,15 +343,16 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
             sessions=[session_from_row(row) for row in page], next_page_token=next_token
         )
 
-    async def CreateSession(
+    async def CreateSession(  # type: ignore[override]
         self, request: session_service_pb2.CreateSessionRequest, context: Any
-    ) -> session_pb2.Session:
+    ) -> bytes:
         principal = current_principal()
         if not request.HasField("session"):
             raise invalid_field("session", "is required")
         if not request.session.agent_id:
             raise invalid_field("session.agent_id", "is required")
         agent_id = parse_id(request.session.agent_id, "session.agent_id")
+        validate(request.session)
         values = column_values(request.session)
         request_id = parse_request_id(request.request_id)
         tenant = principal.tenant_id
@@ -369,62 +360,43 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         async def create(con: asyncpg.Connection) -> Record:
             new_id = uuid.uuid4()
             earlier = await replay_create(
-                con, tenant, request_id, ENTITY, new_id, GET_SESSION, how="deleted or expired"
+                con, tenant, request_id, ENTITY, new_id, SESSION.get_sql, how="deleted or expired"
             )
             if earlier is not None:
                 return earlier
-            row = await con.fetchrow(INSERT_SESSION, tenant, new_id, agent_id, *values)
-            await write_audit(con, principal, tenant, "session.create", ENTITY, new_id, None, session_from_row(row))
-            return row
+            return await con.fetchrow(INSERT_SESSION, tenant, new_id, agent_id, *values, *audit_args(principal))
 
-        return await self._written(tenant, await self._db.run(create, tenant))
+        return await self._cache.written(tenant, await self._db.run(create, tenant))
 
-    async def UpdateSession(
+    async def UpdateSession(  # type: ignore[override]
         self, request: session_service_pb2.UpdateSessionRequest, context: Any
-    ) -> session_pb2.Session:
+    ) -> bytes:
         principal = current_principal()
         if not request.HasField("session"):
             raise invalid_field("session", "is required")
-        session_id = parse_id(request.session.id, "session.id")
+        patch = request.session
+        session_id = parse_id(patch.id, "session.id")
         paths = update_paths(request)
+        validate(patch, paths)
         tenant = principal.tenant_id
 
         async def update(con: asyncpg.Connection) -> Record:
-            row = await con.fetchrow(GET_SESSION_FOR_UPDATE, tenant, session_id)
-            if row is None:
-                raise session_not_found(session_id)
-            if not etag_matches(request.session.etag, row["version"]):
-                raise etag_mismatch(ENTITY)
-            before = session_from_row(row)
-            merged = merge_for_update(before, request.session, paths)
-            updated = await con.fetchrow(UPDATE_SESSION, tenant, session_id, *column_values(merged))
-            await write_audit(
-                con, principal, tenant, "session.update", ENTITY, session_id, before, session_from_row(updated)
+            row = await lock_for_update(con, SESSION, tenant, session_id, patch.etag)
+            merged = SESSION.merged(session_from_row(row), patch, paths)
+            values = column_values(merged)  # type: ignore[arg-type]
+            return await con.fetchrow(
+                UPDATE_SESSION, tenant, session_id, *values, row["audit_before"], *audit_args(principal)
             )
-            return updated
 
-        return await self._written(tenant, await self._db.run(update, tenant))
+        return await self._cache.written(tenant, await self._db.run(update, tenant))
 
     async def DeleteSession(self, request: session_service_pb2.DeleteSessionRequest, context: Any) -> empty_pb2.Empty:
         principal = current_principal()
         session_id = parse_id(request.id)
         tenant = principal.tenant_id
-
-        async def delete(con: asyncpg.Connection) -> Record:
-            row = await con.fetchrow(DELETE_SESSION, tenant, session_id)
-            if row is None:
-                raise session_not_found(session_id)
-            # Raising rolls the delete back.
-            if not etag_matches(request.etag, row["version"]):
-                raise etag_mismatch(ENTITY)
-            await write_audit(con, principal, tenant, "session.delete", ENTITY, session_id, session_from_row(row), None)
-            return row
-
-        row = await self._db.run(delete, tenant)
-        # A tombstone one past the deleted version, kept until the session would have expired.
-        await self._cache.written(
-            (tenant, session_id), row["version"] + 1, None, expires_us=epoch_micros(row["expire_time"])
-        )
+        row = await self._db.run(lambda con: delete(con, SESSION, principal, session_id, request.etag), tenant)
+        # The tombstone stays until the session would have expired.
+        await self._cache.deleted((tenant, session_id), row["version"], expires_us=epoch_micros(row["expire_time"]))
         return empty_pb2.Empty()
 
     # --- the purge of expired rows ----------------------------------------------------------
@@ -447,3 +419,16 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
     async def _purge_batch(self, tenant: uuid.UUID, grace: timedelta) -> int:
         deleted: int = await self._db.run(lambda con: con.fetchval(PURGE_EXPIRED, tenant, grace, PURGE_BATCH), tenant)
         return deleted
+
+
+def register(add: Add, deps: Deps) -> None:
+    service = SessionService(deps.db, deps.page_tokens, deps.shared(session_cache), deps.shared(agent_cache))
+    add(session_service_pb2_grpc.add_SessionServiceServicer_to_server, service)
+    deps.add_job(
+        "expired sessions purged",
+        deps.settings.session_purge_interval_seconds,
+        lambda: service.purge_expired(PURGE_GRACE),
+    )
+
+
+RESOURCE = Resource.of(session_service_pb2, "SessionService", register)

@@ -12,6 +12,7 @@ import grpc
 from agentstore.auth import ROLE_DB_NAMES, ROLE_NAMES, Authenticator, new_api_key
 from agentstore.context import Principal, Role, current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
+from agentstore.deps import Add, Deps, Resource
 from agentstore.errors import invalid_field, not_found
 from agentstore.query import FieldKind, PageTokenCodec, SortKey
 from agentstore.query.listing import ListSpec
@@ -36,7 +37,7 @@ UPDATE api_keys SET revoke_time = now(), update_time = now(), version = version 
 WHERE tenant_id = $1 AND id = $2
 RETURNING {API_KEY_COLUMNS}
 """
-GET_API_KEY = f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND id = $2"
+API_KEY_BY_ID = f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND id = $2"
 
 _ID_KEY = SortKey("id", "id", FieldKind.UUID)
 # Tenants are only visible across tenants under the platform scope; the `TRUE` keeps the select
@@ -206,7 +207,7 @@ class TenantService(tenant_service_pb2_grpc.TenantServiceServicer):
         principal = current_principal()
 
         async def revoke(con: asyncpg.Connection) -> Record:
-            before = await con.fetchrow(GET_API_KEY + " FOR UPDATE", tenant_id, key_id)
+            before = await con.fetchrow(API_KEY_BY_ID + " FOR UPDATE", tenant_id, key_id)
             if before is None:
                 raise not_found("API_KEY_NOT_FOUND", f"no API key {key_id} in tenant {tenant_id}")
             if before["revoke_time"] is not None:
@@ -227,3 +228,14 @@ class TenantService(tenant_service_pb2_grpc.TenantServiceServicer):
         row = await self._db.run(revoke, tenant_id)
         await self._auth.revoked(key_id)
         return api_key_from_row(row)
+
+
+def register(add: Add, deps: Deps) -> None:
+    add(
+        tenant_service_pb2_grpc.add_TenantServiceServicer_to_server,
+        TenantService(deps.db, deps.page_tokens, deps.authenticator),
+    )
+
+
+# Authenticated with the platform admin token, not an API key (server.py).
+RESOURCE = Resource.of(tenant_service_pb2, "TenantService", register)

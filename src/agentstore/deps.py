@@ -1,0 +1,112 @@
+"""What the server is built from: a list of resources, each registering its service on `Deps`.
+
+A resource module exposes `RESOURCE = Resource(service name, register)`. `register(add, deps)`
+builds its servicer from the shared connections in `deps` and hands it to `add` (which wraps every
+handler in the interceptor). Components several resources use (the agent cache, the leaderboard,
+the task queue) are built once per server by `deps.shared(factory)`, whichever resource asks
+first; background jobs are added with `deps.add_job`. So adding a resource touches its own
+module, its protos, its migration and the list in server.py, and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, TypeVar, cast
+
+import redis.asyncio as aioredis
+
+from agentstore.auth import Authenticator
+from agentstore.cache.entity import Encode, EntityCache, Expiry, LoadMany
+from agentstore.cache.l1 import L1Cache
+from agentstore.cache.l2 import L2Cache
+from agentstore.config import Settings
+from agentstore.db import Database
+from agentstore.query import PageTokenCodec
+from agentstore.redis.bus import ProcessBus
+from agentstore.redis.circuit import RedisCircuit
+
+T = TypeVar("T")
+
+POSTGRES = "postgres"
+REDIS = "redis"
+
+# add(add_XServiceServicer_to_server, servicer): registers a servicer, every handler wrapped.
+Add = Callable[[Callable[[Any, Any], None], Any], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A background job: `run` every `interval` seconds (it returns how much it did)."""
+
+    what: str
+    interval: float
+    run: Callable[[], Awaitable[int]]
+
+
+@dataclass(frozen=True)
+class Resource:
+    service: str  # the full gRPC service name: health and reflection list it
+    register: Callable[[Add, Deps], None]
+    # What must answer for grpc.health.v1 to report this service SERVING.
+    dependencies: tuple[str, ...] = (POSTGRES,)
+
+    @staticmethod
+    def of(
+        module: ModuleType,
+        name: str,
+        register: Callable[[Add, Deps], None],
+        dependencies: tuple[str, ...] = (POSTGRES,),
+    ) -> Resource:
+        """The resource of service `name`, declared in the generated `module` (…_service_pb2)."""
+        return Resource(module.DESCRIPTOR.services_by_name[name].full_name, register, dependencies)
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    db: Database
+    redis: aioredis.Redis
+    bus: ProcessBus
+    circuit: RedisCircuit
+    l2: L2Cache
+    page_tokens: PageTokenCodec
+    authenticator: Authenticator
+    # Entity caches by kind, for introspection (tests, `agentstore check`).
+    caches: dict[str, EntityCache] = field(default_factory=dict)
+    jobs: list[Job] = field(default_factory=list)
+    _shared: dict[object, object] = field(default_factory=dict)
+
+    def shared(self, factory: Callable[[Deps], T]) -> T:
+        """The one instance per server of what `factory` builds."""
+        if factory not in self._shared:
+            self._shared[factory] = factory(self)
+        return cast(T, self._shared[factory])
+
+    def entity_cache(
+        self, kind: str, load_many: LoadMany, encode: Encode, expires: Expiry | None = None
+    ) -> EntityCache:
+        """A read-through cache for one entity kind: an L1 of its own (so that one kind's churn
+        cannot evict another's), the shared L2, the bus and the Redis circuit."""
+        if kind in self.caches:
+            raise ValueError(f"a cache of kind {kind!r} exists already")
+        s = self.settings
+        cache = EntityCache(
+            kind,
+            L1Cache(s.cache_l1_max_entries, s.cache_l1_ttl_seconds),
+            self.l2,
+            self.bus,
+            self.circuit,
+            s.redis_key_prefix,
+            load_many,
+            encode,
+            expires=expires,
+        )
+        self.caches[kind] = cache
+        return cache
+
+    def add_job(self, what: str, interval: float, run: Callable[[], Awaitable[int]]) -> None:
+        """Run `run` in the background every `interval` seconds (0 disables it)."""
+        if interval > 0:
+            self.jobs.append(Job(what, interval, run))
