@@ -2,7 +2,7 @@
 
 AGENTSTORE_TEST_DATABASE_URL (a role that may create databases and roles) and
 AGENTSTORE_TEST_REDIS_URL pick existing servers; without them the embedded PostgreSQL and Redis
-of agentstore.embedded start under a temporary directory. Each run gets its own database and
+of agentstore.devtools.embedded start under a temporary directory. Each run gets its own database and
 Redis key prefix and removes both afterwards.
 """
 
@@ -50,7 +50,7 @@ def servers() -> Iterator[Servers]:
     started: list[object] = []
     base: Path | None = None
     if not db_url or not redis_url:
-        from agentstore.embedded import EmbeddedPostgres, EmbeddedRedis
+        from agentstore.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 
         # Not under pytest's basetemp: another pytest run on the machine prunes old basetemps,
         # which would pull the data directory from under a running server.

@@ -62,8 +62,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from agentstore.dev import run_dev
-
+    try:
+        from agentstore.devtools.dev import run_dev
+    except ImportError:
+        return _fail("`agentstore dev` needs a checkout of the repository with the dev extra (`make run`)")
     return run_dev(settings)
 
 

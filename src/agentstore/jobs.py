@@ -7,22 +7,45 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
+from agentstore import metrics
 from agentstore.db import Database
+from agentstore.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 
 async def run_periodically(what: str, interval: float, job: Callable[[], Awaitable[int]]) -> None:
-    """Run `job` now and then every `interval` seconds until cancelled. A failure is logged and
-    the next round goes ahead; a round that did something logs how much (`job`'s count)."""
+    """Run `job` now and then every `interval` seconds until cancelled; a round that did something
+    logs how much (`job`'s count).
+
+    A failed round is logged once when a run of failures starts (an ApiError, such as the database
+    being unreachable, with its reason; anything else, a bug, with its traceback) and once when the
+    job succeeds again, with how many rounds failed; in between failures are only counted
+    (agentstore_job_failures_total), so an outage does not flood the log. A failure of another
+    kind within the run is logged as it starts too.
+    """
+    failures = 0
+    last: str | None = None
+    counter = metrics.JOB_FAILURES.labels(what)
     while True:
         try:
             count = await job()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning(f"{what} failed", extra={"error": type(exc).__name__})
+            failures += 1
+            counter.inc()
+            kind = f"{type(exc).__name__}:{exc.reason}" if isinstance(exc, ApiError) else type(exc).__name__
+            if kind != last:
+                last = kind
+                if isinstance(exc, ApiError):
+                    log.warning(f"{what} failed", extra={"reason": exc.reason, "error": exc.message})
+                else:
+                    log.exception(f"{what} failed", extra={"error": type(exc).__name__})
         else:
+            if failures:
+                log.warning(f"{what} works again", extra={"failed_rounds": failures})
+                failures, last = 0, None
             if count:
                 log.info(what, extra={"count": count})
         await asyncio.sleep(interval)

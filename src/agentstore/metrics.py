@@ -38,3 +38,4 @@ DB_LOADS = Counter("agentstore_db_loads_total", "Entity reads that went to Postg
 CACHE_ACK_TIMEOUTS = Counter(
     "agentstore_cache_ack_timeouts_total", "Writes that returned before every process acknowledged the invalidation"
 )
+JOB_FAILURES = Counter("agentstore_job_failures_total", "Failed rounds of a background job, by job", ["job"])

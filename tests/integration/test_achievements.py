@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 
 from agentstore.context import Principal, Role
-from agentstore.embedded import EmbeddedRedis, free_port
+from agentstore.devtools.embedded import EmbeddedRedis, free_port
 from agentstore.resources.achievements import award_for_completion
 from agentstore.resources.leaderboard import leaderboard
 from agentstore.server import App, start_server

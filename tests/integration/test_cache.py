@@ -19,7 +19,7 @@ from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from agentstore.embedded import EmbeddedRedis, free_port
+from agentstore.devtools.embedded import EmbeddedRedis, free_port
 from agentstore.server import App, start_server
 from agentstore.v1 import (
     agent_pb2,
@@ -511,3 +511,32 @@ async def test_concurrent_uncached_gets_of_one_tenant_are_coalesced(agents_stub,
     assert results == agents
     # Forty point reads arrive within a few event-loop turns and share far fewer queries.
     assert counter("agentstore_db_loads_total", kind="agent") - loads < len(agents)
+
+
+async def test_a_bug_on_a_redis_path_is_internal_not_an_outage(
+    agents_stub, app: App, tenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only Redis's own errors (unreachable, timeout, refused command) mean "serve from
+    PostgreSQL"; anything else is a bug: INTERNAL with a traceback in the log, circuit closed."""
+    created = await create_agent(agents_stub, tenant.md())
+    app.caches["agent"]._l1.drop((uuid.UUID(tenant.tenant.id), uuid.UUID(created.id)))
+    outages = counter("agentstore_redis_outages_total")
+    l2 = app.deps.l2
+    working = l2._get
+
+    async def broken(key: str) -> bytes:
+        raise TypeError("a bug, not an outage")
+
+    l2._get = broken
+    try:
+        await expect_error(
+            agents_stub.GetAgent(agent_service_pb2.GetAgentRequest(id=created.id), metadata=tenant.md()),
+            grpc.StatusCode.INTERNAL,
+            "INTERNAL",
+        )
+    finally:
+        l2._get = working
+    assert app.circuit.available
+    assert counter("agentstore_redis_outages_total") == outages
+    assert any(r.exc_info is not None and r.exc_info[0] is TypeError for r in caplog.records)
+    assert await get(agents_stub, tenant.md(), created.id) == created

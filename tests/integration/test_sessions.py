@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from prometheus_client import REGISTRY
 
 from agentstore.cache.l1 import Key
-from agentstore.embedded import free_port
+from agentstore.devtools.embedded import free_port
 from agentstore.server import App, start_server
 from agentstore.v1 import agent_service_pb2_grpc, session_pb2, session_service_pb2, session_service_pb2_grpc
 from tests.integration.conftest import TenantKeys, server_settings

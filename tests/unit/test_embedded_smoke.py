@@ -17,7 +17,7 @@ import psycopg2  # type: ignore[import-untyped]
 import redis
 import redis.asyncio
 
-from agentstore.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from agentstore.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.slow
 

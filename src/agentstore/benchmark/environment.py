@@ -72,7 +72,7 @@ class Backends:
         parts: list[str] = []
         try:
             if not admin_url or not redis_url:
-                from agentstore.embedded import EmbeddedPostgres, EmbeddedRedis
+                from agentstore.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 
                 tmp = tempfile.mkdtemp(prefix="agentstore-bench-")
                 if not admin_url:

@@ -143,7 +143,7 @@ class Database:
                 async with self.pool.acquire() as con:
                     await con.fetchval("SELECT 1")
             return True
-        except Exception:
+        except (TimeoutError, asyncpg.PostgresError, *_CONNECTION_LOST):
             return False
 
     async def check_role(self) -> str | None:

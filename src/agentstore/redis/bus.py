@@ -40,6 +40,7 @@ from redis.connection import parse_url
 
 from agentstore import metrics
 from agentstore.jobs import cancel_and_wait
+from agentstore.redis.errors import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class ProcessBus:
         sequence, message = self.envelope(kind, key)
         try:
             receivers = await self._publisher.publish(self._channel, message)
-        except Exception as exc:
+        except REDIS_ERRORS as exc:
             self.forget(sequence)
             log.warning("invalidation not published", extra={"kind": kind, "error": type(exc).__name__})
             return False
@@ -154,7 +155,7 @@ class ProcessBus:
         """Publish without waiting for acknowledgements (a hint, e.g. "a task is ready")."""
         try:
             await self._publisher.publish(self._channel, f"{self.process_id} - {kind}:{key}")
-        except Exception as exc:
+        except REDIS_ERRORS as exc:
             log.warning("notification not published", extra={"kind": kind, "error": type(exc).__name__})
             return False
         return True
@@ -229,7 +230,7 @@ class ProcessBus:
     async def _ack(self, origin: str, sequence: str) -> None:
         try:
             await self._publisher.publish(f"{self._channel}:ack:{origin}", sequence)
-        except Exception as exc:  # the writer times out waiting and logs it
+        except REDIS_ERRORS as exc:  # the writer times out waiting and logs it
             log.info("acknowledgement not sent", extra={"error": type(exc).__name__})
 
     def _lose(self, why: str) -> None:
@@ -280,6 +281,9 @@ class ProcessBus:
                         if isinstance(reply, hiredis.ReplyError):
                             raise ConnectionError(str(reply))
                         expected -= 1
+        except hiredis.ProtocolError as exc:
+            sock.close()
+            raise ConnectionError(f"not a Redis reply: {exc}") from None
         except BaseException:
             sock.close()
             raise
@@ -291,9 +295,7 @@ class ProcessBus:
         while True:
             try:
                 sock = await self._connect()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except REDIS_ERRORS as exc:
                 if self._ever_connected and delay == 0.05:
                     log.info("invalidation bus cannot resubscribe yet", extra={"error": type(exc).__name__})
                 await asyncio.sleep(delay)

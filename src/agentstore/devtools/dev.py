@@ -131,7 +131,7 @@ def run_dev(settings: Settings) -> int:
     try:
         admin_url = settings.migrations_database_url or settings.database_url
         if admin_url is None:
-            from agentstore.embedded import EmbeddedPostgres
+            from agentstore.devtools.embedded import EmbeddedPostgres
 
             pg = EmbeddedPostgres(data_dir / "postgres", require_password=True)
             print("starting embedded PostgreSQL ...", file=sys.stderr)
@@ -139,7 +139,7 @@ def run_dev(settings: Settings) -> int:
             started.append(pg)
         redis_url = settings.redis_url
         if redis_url is None:
-            from agentstore.embedded import EmbeddedRedis
+            from agentstore.devtools.embedded import EmbeddedRedis
 
             rd = EmbeddedRedis(data_dir / "redis")
             print("starting embedded Redis ...", file=sys.stderr)

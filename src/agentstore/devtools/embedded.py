@@ -68,13 +68,13 @@ _ROOT_RUN_AS = "pgserver"
 _MAX_SOCKET_PATH = 100
 
 _PG_HBA_TRUST = """\
-# Managed by agentstore.embedded (require_password=False): everything is trusted.
+# Managed by agentstore.devtools.embedded (require_password=False): everything is trusted.
 local   all   all                 trust
 host    all   all   127.0.0.1/32  trust
 host    all   all   ::1/128       trust
 """
 _PG_HBA_PASSWORD = """\
-# Managed by agentstore.embedded (require_password=True): superuser trusted, other roles use SCRAM.
+# Managed by agentstore.devtools.embedded (require_password=True): superuser trusted, other roles use SCRAM.
 local   all   postgres                trust
 local   all   all                     scram-sha-256
 host    all   postgres  127.0.0.1/32  trust
