@@ -33,9 +33,10 @@ test-integration: venv
 bench: venv
 	$(BIN)/agentstore bench
 
-## lint: ruff, mypy and buf lint
+## lint: ruff (lint and format), mypy --strict on src, and buf lint; CI runs it before the tests
 lint: venv buf-lint
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy src
 
 buf-lint: venv
