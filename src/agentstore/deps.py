@@ -18,14 +18,14 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 
 from agentstore.auth import Authenticator
-from agentstore.cache.entity import Encode, EntityCache, Expiry, LoadMany
+from agentstore.cache.entity import EntityCache
 from agentstore.cache.l1 import L1Cache
 from agentstore.cache.l2 import L2Cache
 from agentstore.config import Settings
 from agentstore.db import Database
-from agentstore.query import PageTokenCodec
 from agentstore.redis.bus import ProcessBus
 from agentstore.redis.circuit import RedisCircuit
+from agentstore.resources.paging import Pages
 
 T = TypeVar("T")
 
@@ -71,7 +71,7 @@ class Deps:
     bus: ProcessBus
     circuit: RedisCircuit
     l2: L2Cache
-    page_tokens: PageTokenCodec
+    pages: Pages
     authenticator: Authenticator
     # Entity caches by kind, for introspection (tests, `agentstore check`).
     caches: dict[str, EntityCache] = field(default_factory=dict)
@@ -84,25 +84,13 @@ class Deps:
             self._shared[factory] = factory(self)
         return cast(T, self._shared[factory])
 
-    def entity_cache(
-        self, kind: str, load_many: LoadMany, encode: Encode, expires: Expiry | None = None
-    ) -> EntityCache:
-        """A read-through cache for one entity kind: an L1 of its own (so that one kind's churn
-        cannot evict another's), the shared L2, the bus and the Redis circuit."""
+    def cache_of(self, kind: str, build: Callable[[L1Cache], EntityCache]) -> EntityCache:
+        """Register the read-through cache of one entity kind, built on an L1 of its own (so that
+        one kind's churn cannot evict another's); spec.entity_cache builds one from a resource spec."""
         if kind in self.caches:
             raise ValueError(f"a cache of kind {kind!r} exists already")
         s = self.settings
-        cache = EntityCache(
-            kind,
-            L1Cache(s.cache_l1_max_entries, s.cache_l1_ttl_seconds),
-            self.l2,
-            self.bus,
-            self.circuit,
-            s.redis_key_prefix,
-            load_many,
-            encode,
-            expires=expires,
-        )
+        cache = build(L1Cache(s.cache_l1_max_entries, s.cache_l1_ttl_seconds))
         self.caches[kind] = cache
         return cache
 

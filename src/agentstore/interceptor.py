@@ -126,25 +126,27 @@ class ApiInterceptor:
         platform = service in self._platform
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, platform, handler.unary_unary),
+                self._wrap(method, platform, handler.unary_unary),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=_bytes_or(handler.response_serializer),
             )
         if handler.unary_stream is not None:
+            # The same wrapper, around a coroutine that writes the stream's messages: auth before
+            # the first one; an error at any point ends the stream with its status; the metrics
+            # and the access log when it ends.
+            stream = handler.unary_stream
+
+            async def streamed(request: Any, context: grpc.aio.ServicerContext) -> None:
+                await _stream_to(context, stream(request, context))
+
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, platform, handler.unary_stream),
+                self._wrap(method, platform, streamed),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=_bytes_or(handler.response_serializer),
             )
         raise TypeError(f"{method}: client-streaming RPCs are not supported")
 
-    def _authenticate(self, platform: bool, md: dict[str, str]) -> Principal | Awaitable[Principal]:
-        authorization = md.get("authorization")
-        if platform:
-            return self._auth.authenticate_platform(authorization)
-        return self._auth.cached(authorization) or self._auth.authenticate(authorization)
-
-    def _wrap_unary(self, method: str, platform: bool, behavior: UnaryBehavior) -> UnaryBehavior:
+    def _wrap(self, method: str, platform: bool, behavior: UnaryBehavior) -> UnaryBehavior:
         rpc_name = method.rpartition("/")[2]
         auth = self._auth
         access = self._access_log
@@ -171,7 +173,7 @@ class ApiInterceptor:
                 if platform:
                     ctx.principal = auth.authenticate_platform(md.get("authorization"))
                 else:
-                    # Inline, not _authenticate: a cached key (nearly every RPC) costs no coroutine.
+                    # A cached key (nearly every RPC) costs no coroutine.
                     authorization = md.get("authorization")
                     ctx.principal = auth.cached(authorization) or await auth.authenticate(authorization)
                     check_role(ctx.principal, rpc_name, needed)
@@ -194,55 +196,6 @@ class ApiInterceptor:
                 timing.observe(elapsed)
                 (succeeded if code is _OK else metrics.RPC_TOTAL.labels(method, code.name)).inc()
                 if access:
-                    _log_access(method, code, reason, elapsed, ctx, context.peer())
-
-        return handle
-
-    def _wrap_stream(self, method: str, platform: bool, behavior: StreamBehavior) -> StreamBehavior:
-        """As _wrap_unary, for a server-streaming RPC: auth before the first message; an error at
-        any point ends the stream with its status; metrics and the access log when it ends."""
-        rpc_name = method.rpartition("/")[2]
-        needed = required_role(rpc_name)
-        timing = metrics.RPC_SECONDS.labels(method)
-
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
-            start = time.perf_counter()
-            md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-            remaining = context.time_remaining()
-            ctx = RequestContext(
-                request_id=request_id(md),
-                deadline=time.monotonic() + remaining if remaining is not None else None,
-                no_cache="no-cache" in md.get("cache-control", "").lower(),
-                method=rpc_name,
-            )
-            set_current_request(ctx)
-            code = _OK
-            reason = ""
-            try:
-                if request is MALFORMED:
-                    raise invalid_argument("MALFORMED_REQUEST", "the request message could not be parsed")
-                principal = self._authenticate(platform, md)
-                ctx.principal = principal if isinstance(principal, Principal) else await principal
-                if not platform:
-                    check_role(ctx.principal, rpc_name, needed)
-                context.set_trailing_metadata((("x-request-id", ctx.request_id),))
-                await _stream_to(context, behavior(request, context))
-            except ApiError as exc:
-                code, reason = exc.code, exc.reason
-                await _abort(context, exc, ctx.request_id)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception:
-                log.exception("unhandled error", extra={"method": method, "request_id": ctx.request_id})
-                failure = internal()
-                code, reason = failure.code, failure.reason
-                await _abort(context, failure, ctx.request_id)
-            finally:
-                elapsed = time.perf_counter() - start
-                timing.observe(elapsed)
-                metrics.RPC_TOTAL.labels(method, code.name).inc()
-                if self._access_log:
                     _log_access(method, code, reason, elapsed, ctx, context.peer())
 
         return handle

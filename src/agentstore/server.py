@@ -33,6 +33,7 @@ from agentstore.redis.bus import ProcessBus
 from agentstore.redis.circuit import RedisCircuit
 from agentstore.redis.pipelined_get import PipelinedGet
 from agentstore.resources import achievements, agents, audit, sessions, tasks, tenants
+from agentstore.resources.paging import Pages
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ async def start_server(
             bus=bus,
             circuit=circuit,
             l2=L2Cache(redis_client, settings.cache_l2_ttl_seconds, l2_get),
-            page_tokens=page_token_codec(settings),
+            pages=Pages(db, page_token_codec(settings)),
             authenticator=authenticator,
         )
 

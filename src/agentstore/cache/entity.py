@@ -65,8 +65,11 @@ class EntityCache:
         load_many: LoadMany,
         encode: Encode,
         expires: Expiry | None = None,
+        missing: Callable[[uuid.UUID], Exception] | None = None,
     ) -> None:
         self.kind = kind
+        # What `require` raises for an entity that does not exist (e.g. NOT_FOUND AGENT_NOT_FOUND).
+        self._missing = missing or (lambda entity_id: LookupError(f"no {kind} {entity_id}"))
         self._load_many = load_many
         # Single reads of one tenant that miss both tiers at once share one query.
         self._point_reads: PointReads[tuple[int, bytes]] = PointReads(load_many)
@@ -146,6 +149,14 @@ class EntityCache:
                 self._misses_l1.inc()
             loaded = await self._load_once(key)
         return loaded[1] if loaded is not None else None
+
+    async def require(self, key: Key) -> bytes:
+        """As `get`, raising the kind's not-found error where there is no such entity. Call it when
+        `cached` answered None: `cache.cached(key) or await cache.require(key)`."""
+        payload = await self.get(key)
+        if payload is None:
+            raise self._missing(key[1])
+        return payload
 
     async def _load_once(self, key: Key) -> Loaded:
         """Single-flight over L2 and PostgreSQL: concurrent L1 misses of one key share one lookup.

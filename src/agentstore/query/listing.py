@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from agentstore.errors import invalid_argument
-from agentstore.query.filter import FieldSpec, FilterError, compile_filter
+from agentstore.query.filter import FieldKind, FieldSpec, FilterError, compile_filter
 from agentstore.query.ordering import OrderBy, OrderByError, SortKey, parse_order_by
 from agentstore.query.page_token import PageTokenCodec, PageTokenError, binding_for
 
@@ -88,3 +88,35 @@ def plan_list(
         params.extend(keyset_params)
     sql = f"{spec.select} AND {' AND '.join(predicates)} ORDER BY {order.sql()} LIMIT {size + 1}"
     return ListPlan(sql, params, order, size, binding)
+
+
+# --- declaring a List's fields ----------------------------------------------------------------
+
+# The usual tie-breaker: the id, which is unique within a tenant.
+ID_KEY = SortKey("id", "id", FieldKind.UUID)
+
+
+def filter_fields(**kinds: FieldKind | FieldSpec) -> dict[str, FieldSpec]:
+    """Filterable fields by name: a kind for a column of that name, or a whole FieldSpec."""
+    return {name: kind if isinstance(kind, FieldSpec) else FieldSpec(name, kind) for name, kind in kinds.items()}
+
+
+def sort_keys(**kinds: FieldKind) -> dict[str, SortKey]:
+    """order_by fields by name, each sorting by the column of that name."""
+    return {name: SortKey(name, name, kind) for name, kind in kinds.items()}
+
+
+def tags_field(column: str) -> FieldSpec:
+    """A text[] column whose `:` containment goes through its tenant-scoped GIN index
+    (agentstore_scoped_tags, migration 0001; $1 is the tenant)."""
+    return _scoped(column, FieldKind.STRING_ARRAY, "agentstore_scoped_tags")
+
+
+def json_field(column: str) -> FieldSpec:
+    """A jsonb column whose `:` and `.key` containment goes through its tenant-scoped GIN index
+    (agentstore_scoped_json, migration 0001; $1 is the tenant)."""
+    return _scoped(column, FieldKind.JSON, "agentstore_scoped_json")
+
+
+def _scoped(column: str, kind: FieldKind, function: str) -> FieldSpec:
+    return FieldSpec(column, kind, contains_sql=f"{function}(tenant_id, {column}) @> {function}($1, {{value}})")

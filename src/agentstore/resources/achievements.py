@@ -19,13 +19,13 @@ from agentstore.context import Principal, current_principal
 from agentstore.db import Database, Record
 from agentstore.deps import Add, Deps, Resource
 from agentstore.errors import invalid_argument, invalid_field
-from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
-from agentstore.query.listing import ListSpec
+from agentstore.query import FieldKind, FieldSpec
+from agentstore.query.listing import ID_KEY, ListSpec, sort_keys
 from agentstore.resources.agents import agent_cache, agent_not_found, lock_agents
 from agentstore.resources.audit import write_audits
 from agentstore.resources.fields import check_text, parse_id, to_timestamp
 from agentstore.resources.leaderboard import Leaderboard, leaderboard
-from agentstore.resources.paging import fetch_page
+from agentstore.resources.paging import Pages
 from agentstore.v1 import achievement_pb2, achievement_service_pb2, achievement_service_pb2_grpc
 
 ENTITY = "achievement"
@@ -60,15 +60,14 @@ SELECT {COLUMNS} FROM achievements a JOIN achievement_rules r ON r.code = a.code
 WHERE a.tenant_id = $1 AND a.agent_id = $2 AND a.code = $3 AND a.task_id IS NOT DISTINCT FROM $4
 """
 
-_ID_KEY = SortKey("id", "id", FieldKind.UUID)
 LIST_SPEC = ListSpec(
     resource="achievements",
     select=f"SELECT {COLUMNS} FROM achievements a JOIN achievement_rules r ON r.code = a.code WHERE a.tenant_id = $1",
     # Not client-facing: ListAchievementsRequest.agent_id becomes this filter, binding page tokens to it.
     fields={"agent_id": FieldSpec("a.agent_id", FieldKind.UUID)},
-    sort_keys={"award_time": SortKey("award_time", "award_time", FieldKind.TIMESTAMP), "id": _ID_KEY},
+    sort_keys={**sort_keys(award_time=FieldKind.TIMESTAMP), "id": ID_KEY},
     default_order="award_time desc, id desc",
-    tie_breaker=_ID_KEY,
+    tie_breaker=ID_KEY,
 )
 
 
@@ -117,9 +116,9 @@ async def award_for_completion(
 
 
 class AchievementService(achievement_service_pb2_grpc.AchievementServiceServicer):
-    def __init__(self, db: Database, page_tokens: PageTokenCodec, board: Leaderboard, agents: EntityCache) -> None:
+    def __init__(self, db: Database, pages: Pages, board: Leaderboard, agents: EntityCache) -> None:
         self._db = db
-        self._page_tokens = page_tokens
+        self._pages = pages
         self._leaderboard = board
         self._agents = agents
 
@@ -157,18 +156,10 @@ class AchievementService(achievement_service_pb2_grpc.AchievementServiceServicer
     ) -> achievement_service_pb2.ListAchievementsResponse:
         tenant = current_principal().tenant_id
         agent_filter = f'agent_id = "{parse_id(request.agent_id, "agent_id")}"' if request.agent_id else ""
-        page, next_token = await fetch_page(
-            self._db,
-            self._page_tokens,
-            LIST_SPEC,
-            tenant,
-            page_size=request.page_size,
-            page_token=request.page_token,
-            filter=agent_filter,
+        items, next_token = await self._pages.fetch(
+            LIST_SPEC, tenant, request, achievement_from_row, filter=agent_filter
         )
-        return achievement_service_pb2.ListAchievementsResponse(
-            achievements=[achievement_from_row(row) for row in page], next_page_token=next_token
-        )
+        return achievement_service_pb2.ListAchievementsResponse(achievements=items, next_page_token=next_token)
 
     async def GetLeaderboard(
         self, request: achievement_service_pb2.GetLeaderboardRequest, context: Any
@@ -188,7 +179,7 @@ class AchievementService(achievement_service_pb2_grpc.AchievementServiceServicer
 def register(add: Add, deps: Deps) -> None:
     add(
         achievement_service_pb2_grpc.add_AchievementServiceServicer_to_server,
-        AchievementService(deps.db, deps.page_tokens, deps.shared(leaderboard), deps.shared(agent_cache)),
+        AchievementService(deps.db, deps.pages, deps.shared(leaderboard), deps.shared(agent_cache)),
     )
 
 

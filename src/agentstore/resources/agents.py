@@ -16,8 +16,8 @@ from agentstore.context import Principal, current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
 from agentstore.deps import Add, Deps, Resource
 from agentstore.errors import ApiError, invalid_argument, invalid_field, not_found
-from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
-from agentstore.query.listing import ListSpec
+from agentstore.query import FieldKind, FieldSpec
+from agentstore.query.listing import ID_KEY, ListSpec, filter_fields, json_field, sort_keys, tags_field
 from agentstore.resources.audit import audit_args, with_audit
 from agentstore.resources.fields import (
     MAX_BATCH_IDS,
@@ -29,10 +29,9 @@ from agentstore.resources.fields import (
     struct_to_json,
     to_timestamp,
 )
-from agentstore.resources.idempotency import parse_request_id, replay_create
 from agentstore.resources.leaderboard import Leaderboard, leaderboard
-from agentstore.resources.paging import fetch_page
-from agentstore.resources.spec import ResourceSpec, delete, loader, lock_for_update
+from agentstore.resources.paging import Pages
+from agentstore.resources.spec import Create, ResourceSpec, Update, delete, entity_cache, run
 from agentstore.resources.wire import repeated_message_bytes
 from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
 
@@ -42,36 +41,6 @@ ENTITY = "agent"
 COLUMNS_OF = """{a}id, {a}name, {a}role, {a}kind, {a}status, {a}capabilities, {a}metadata::text AS metadata,
        {a}last_heartbeat_time, {a}create_time, {a}update_time, {a}version"""
 COLUMNS = COLUMNS_OF.format(a="")
-
-# A write and its audit row in one statement (with_audit; the JSON is built by
-# agentstore_agent_json, migration 0006). $10-$12: the audit's actor, key id and request id.
-INSERT_AGENT = with_audit(
-    f"""written AS (
-    INSERT INTO agents (tenant_id, id, name, role, kind, status, capabilities, metadata, last_heartbeat_time)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
-    RETURNING {COLUMNS}, agentstore_agent_json(agents) AS audit_after
-)""",
-    action="agent.create",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=10,
-)
-
-# The caller holds the row lock and read the row's audit JSON with it (lock_for_update): $10.
-UPDATE_AGENT = with_audit(
-    f"""written AS (
-    UPDATE agents
-    SET name = $3, role = $4, kind = $5, status = $6, capabilities = $7, metadata = $8::jsonb,
-        last_heartbeat_time = $9, version = version + 1, update_time = now()
-    WHERE tenant_id = $1 AND id = $2
-    RETURNING {COLUMNS}, agentstore_agent_json(agents) AS audit_after
-)""",
-    action="agent.update",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=11,
-    before="$10::jsonb",
-)
 
 # The queue's lock on the agents whose status it settles: id order, so that two settlements never
 # deadlock; FOR NO KEY UPDATE does not block inserts that reference the agent.
@@ -123,40 +92,27 @@ STATUS_TO_DB: dict[int, str] = {
 }
 STATUS_FROM_DB: dict[str, int] = {v: k for k, v in STATUS_TO_DB.items()}
 
-# Filterable fields (ListAgentsRequest.filter documents the same subset).
+# Filterable fields (ListAgentsRequest.filter documents the same subset); capabilities and metadata
+# containment go through the tenant-scoped GIN indexes of migration 0001.
 _STATUS_LITERALS = {**{f"AGENT_STATUS_{v}": v for v in STATUS_TO_DB.values()}, **{v: v for v in STATUS_TO_DB.values()}}
-FILTER_FIELDS = {
-    "name": FieldSpec("name", FieldKind.STRING),
-    "role": FieldSpec("role", FieldKind.STRING),
-    "kind": FieldSpec("kind", FieldKind.STRING),
-    "status": FieldSpec("status", FieldKind.ENUM, _STATUS_LITERALS),
-    # Containment goes through the tenant-scoped GIN indexes of migration 0001 ($1 is the tenant).
-    "capabilities": FieldSpec(
-        "capabilities",
-        FieldKind.STRING_ARRAY,
-        contains_sql="agentstore_scoped_tags(tenant_id, capabilities) @> agentstore_scoped_tags($1, {value})",
-    ),
-    "metadata": FieldSpec(
-        "metadata",
-        FieldKind.JSON,
-        contains_sql="agentstore_scoped_json(tenant_id, metadata) @> agentstore_scoped_json($1, {value})",
-    ),
-    "create_time": FieldSpec("create_time", FieldKind.TIMESTAMP),
-    "update_time": FieldSpec("update_time", FieldKind.TIMESTAMP),
-    "last_heartbeat_time": FieldSpec("last_heartbeat_time", FieldKind.TIMESTAMP),
-}
-_ID_KEY = SortKey("id", "id", FieldKind.UUID)
+FILTER_FIELDS = filter_fields(
+    name=FieldKind.STRING,
+    role=FieldKind.STRING,
+    kind=FieldKind.STRING,
+    status=FieldSpec("status", FieldKind.ENUM, _STATUS_LITERALS),
+    capabilities=tags_field("capabilities"),
+    metadata=json_field("metadata"),
+    create_time=FieldKind.TIMESTAMP,
+    update_time=FieldKind.TIMESTAMP,
+    last_heartbeat_time=FieldKind.TIMESTAMP,
+)
 LIST_SPEC = ListSpec(
     resource="agents",
     select=f"SELECT {COLUMNS} FROM agents WHERE tenant_id = $1",
     fields=FILTER_FIELDS,
-    sort_keys={
-        "name": SortKey("name", "name", FieldKind.STRING),
-        "create_time": SortKey("create_time", "create_time", FieldKind.TIMESTAMP),
-        "update_time": SortKey("update_time", "update_time", FieldKind.TIMESTAMP),
-    },
+    sort_keys=sort_keys(name=FieldKind.STRING, create_time=FieldKind.TIMESTAMP, update_time=FieldKind.TIMESTAMP),
     default_order="create_time",
-    tie_breaker=_ID_KEY,
+    tie_breaker=ID_KEY,
 )
 
 UPDATABLE = ("name", "role", "kind", "status", "capabilities", "metadata", "last_heartbeat_time")
@@ -198,20 +154,7 @@ def agent_not_found(agent_id: uuid.UUID | str) -> ApiError:
     return not_found("AGENT_NOT_FOUND", f"no agent {agent_id}")
 
 
-AGENT = ResourceSpec(
-    entity=ENTITY,
-    table="agents",
-    columns_of=COLUMNS_OF,
-    from_row=agent_from_row,
-    not_found=agent_not_found,
-    read_function="agentstore_read_agents",
-    json_function="agentstore_agent_json",
-    updatable=UPDATABLE,
-    output_only=OUTPUT_ONLY,
-)
-
-
-def validate(agent: agent_pb2.Agent, paths: Sequence[str] = UPDATABLE) -> None:
+def validate(agent: agent_pb2.Agent, paths: Sequence[str], creating: bool) -> None:
     """Check the fields named in `paths` (every writable one for a create): before any transaction."""
     if "name" in paths:
         check_text(agent.name, "agent.name", max_len=MAX_NAME, required=True)
@@ -219,8 +162,11 @@ def validate(agent: agent_pb2.Agent, paths: Sequence[str] = UPDATABLE) -> None:
         check_text(agent.role, "agent.role", max_len=MAX_LABEL)
     if "kind" in paths:
         check_text(agent.kind, "agent.kind", max_len=MAX_LABEL)
-    if "status" in paths and agent.status not in STATUS_TO_DB and agent.status != agent_pb2.AGENT_STATUS_UNSPECIFIED:
-        raise invalid_field("agent.status", "unknown status")
+    if "status" in paths and agent.status not in STATUS_TO_DB:
+        if agent.status != agent_pb2.AGENT_STATUS_UNSPECIFIED:
+            raise invalid_field("agent.status", "unknown status")
+        if not creating:  # a create starts IDLE; an update may not unset the status
+            raise invalid_field("agent.status", "cannot be set to AGENT_STATUS_UNSPECIFIED")
     if "capabilities" in paths:
         if len(agent.capabilities) > MAX_CAPABILITIES:
             raise invalid_field("agent.capabilities", f"at most {MAX_CAPABILITIES} capabilities")
@@ -250,6 +196,27 @@ def column_values(agent: agent_pb2.Agent) -> list[Any]:
     ]
 
 
+AGENT = ResourceSpec(
+    entity=ENTITY,
+    table="agents",
+    columns_of=COLUMNS_OF,
+    from_row=agent_from_row,
+    not_found=agent_not_found,
+    read_function="agentstore_read_agents",
+    json_function="agentstore_agent_json",
+    validate=validate,
+    insert_columns="name, role, kind, status, capabilities, metadata, last_heartbeat_time",
+    insert_values="$3, $4, $5, $6, $7, $8::jsonb, $9",
+    create_values=column_values,
+    update_set="""name = $3, role = $4, kind = $5, status = $6, capabilities = $7, metadata = $8::jsonb,
+        last_heartbeat_time = $9""",
+    update_values=column_values,
+    creatable=UPDATABLE,
+    updatable=UPDATABLE,
+    output_only=OUTPUT_ONLY,
+)
+
+
 # --- the status settlement the task queue asks for ------------------------------------------------
 
 
@@ -274,7 +241,7 @@ async def settle_agents(
 
 def agent_cache(deps: Deps) -> EntityCache:
     """The one agent cache of a server, and its one loader."""
-    return deps.entity_cache(ENTITY, loader(deps.db, AGENT), AGENT.cache_entry)
+    return entity_cache(deps, AGENT)
 
 
 async def agents_settled(cache: EntityCache, tenant: uuid.UUID, settled: Sequence[Record]) -> None:
@@ -290,9 +257,9 @@ async def agents_settled(cache: EntityCache, tenant: uuid.UUID, settled: Sequenc
 class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     """Servicers only unpack the request, run one unit of work and build the response."""
 
-    def __init__(self, db: Database, page_tokens: PageTokenCodec, cache: EntityCache, board: Leaderboard) -> None:
+    def __init__(self, db: Database, pages: Pages, cache: EntityCache, board: Leaderboard) -> None:
         self._db = db
-        self._page_tokens = page_tokens
+        self._pages = pages
         self._cache = cache
         # Deleting an agent deletes its awards: its tenant's leaderboard is rebuilt from PostgreSQL.
         self._board = board
@@ -302,12 +269,7 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     async def GetAgent(self, request: agent_service_pb2.GetAgentRequest, context: Any) -> bytes:  # type: ignore[override]
         key = (current_principal().tenant_id, parse_id(request.id))
         # An L1 hit answers without awaiting anything (no coroutine).
-        payload = self._cache.cached(key)
-        if payload is None:
-            payload = await self._cache.get(key)
-            if payload is None:
-                raise agent_not_found(key[1])
-        return payload
+        return self._cache.cached(key) or await self._cache.require(key)
 
     async def BatchGetAgents(  # type: ignore[override]
         self, request: agent_service_pb2.BatchGetAgentsRequest, context: Any
@@ -325,59 +287,14 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     async def ListAgents(
         self, request: agent_service_pb2.ListAgentsRequest, context: Any
     ) -> agent_service_pb2.ListAgentsResponse:
-        page, next_token = await fetch_page(
-            self._db,
-            self._page_tokens,
-            LIST_SPEC,
-            current_principal().tenant_id,
-            page_size=request.page_size,
-            page_token=request.page_token,
-            filter=request.filter,
-            order_by=request.order_by,
-        )
-        return agent_service_pb2.ListAgentsResponse(
-            agents=[agent_from_row(row) for row in page], next_page_token=next_token
-        )
+        items, next_token = await self._pages.fetch(LIST_SPEC, current_principal().tenant_id, request, agent_from_row)
+        return agent_service_pb2.ListAgentsResponse(agents=items, next_page_token=next_token)
 
     async def CreateAgent(self, request: agent_service_pb2.CreateAgentRequest, context: Any) -> bytes:  # type: ignore[override]
-        principal = current_principal()
-        if not request.HasField("agent"):
-            raise invalid_field("agent", "is required")
-        validate(request.agent)
-        values = column_values(request.agent)
-        request_id = parse_request_id(request.request_id)
-        tenant = principal.tenant_id
-
-        async def create(con: asyncpg.Connection) -> Record:
-            new_id = uuid.uuid4()
-            earlier = await replay_create(con, tenant, request_id, ENTITY, new_id, AGENT.get_sql)
-            if earlier is not None:
-                return earlier
-            return await con.fetchrow(INSERT_AGENT, tenant, new_id, *values, *audit_args(principal))
-
-        return await self._cache.written(tenant, await self._db.run(create, tenant))
+        return await run(self._db, self._cache, current_principal(), Create.of(AGENT, request))
 
     async def UpdateAgent(self, request: agent_service_pb2.UpdateAgentRequest, context: Any) -> bytes:  # type: ignore[override]
-        principal = current_principal()
-        if not request.HasField("agent"):
-            raise invalid_field("agent", "is required")
-        patch = request.agent
-        agent_id = parse_id(patch.id, "agent.id")
-        paths = AGENT.update_paths(patch, request.update_mask if request.HasField("update_mask") else None)
-        validate(patch, paths)
-        if "status" in paths and patch.status == agent_pb2.AGENT_STATUS_UNSPECIFIED:
-            raise invalid_field("agent.status", "cannot be set to AGENT_STATUS_UNSPECIFIED")
-        tenant = principal.tenant_id
-
-        async def update(con: asyncpg.Connection) -> Record:
-            row = await lock_for_update(con, AGENT, tenant, agent_id, patch.etag)
-            merged = AGENT.merged(agent_from_row(row), patch, paths)
-            values = column_values(merged)  # type: ignore[arg-type]
-            return await con.fetchrow(
-                UPDATE_AGENT, tenant, agent_id, *values, row["audit_before"], *audit_args(principal)
-            )
-
-        return await self._cache.written(tenant, await self._db.run(update, tenant))
+        return await run(self._db, self._cache, current_principal(), Update.of(AGENT, request))
 
     async def DeleteAgent(self, request: agent_service_pb2.DeleteAgentRequest, context: Any) -> empty_pb2.Empty:
         principal = current_principal()
@@ -392,7 +309,7 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
 def register(add: Add, deps: Deps) -> None:
     add(
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server,
-        AgentService(deps.db, deps.page_tokens, deps.shared(agent_cache), deps.shared(leaderboard)),
+        AgentService(deps.db, deps.pages, deps.shared(agent_cache), deps.shared(leaderboard)),
     )
 
 

@@ -11,12 +11,12 @@ import asyncpg
 from google.protobuf.message import Message
 
 from agentstore.context import Principal, current_principal, current_request
-from agentstore.db import Database, Record
+from agentstore.db import Record
 from agentstore.deps import Add, Deps, Resource
-from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
-from agentstore.query.listing import ListSpec
+from agentstore.query import FieldKind, SortKey
+from agentstore.query.listing import ListSpec, filter_fields, sort_keys
 from agentstore.resources.fields import json_to_struct, message_json, to_timestamp
-from agentstore.resources.paging import fetch_page
+from agentstore.resources.paging import Pages
 from agentstore.v1 import audit_log_pb2, audit_log_service_pb2, audit_log_service_pb2_grpc
 
 INSERT_AUDIT = """
@@ -120,24 +120,22 @@ COLUMNS = """id, revision, actor, actor_key_id, action, entity_type, entity_id, 
        after::text AS after, request_id, create_time"""
 
 # ListAuditLogsRequest.filter documents the same subset.
-FILTER_FIELDS = {
-    "entity_type": FieldSpec("entity_type", FieldKind.STRING),
-    "entity_id": FieldSpec("entity_id", FieldKind.STRING),
-    "actor": FieldSpec("actor", FieldKind.STRING),
-    "action": FieldSpec("action", FieldKind.STRING),
-    "create_time": FieldSpec("create_time", FieldKind.TIMESTAMP),
-}
+FILTER_FIELDS = filter_fields(
+    entity_type=FieldKind.STRING,
+    entity_id=FieldKind.STRING,
+    actor=FieldKind.STRING,
+    action=FieldKind.STRING,
+    create_time=FieldKind.TIMESTAMP,
+)
+_REVISION = SortKey("revision", "revision", FieldKind.INTEGER)
 LIST_SPEC = ListSpec(
     resource="audit_logs",
     select=f"SELECT {COLUMNS} FROM audit_logs WHERE tenant_id = $1",
     fields=FILTER_FIELDS,
-    sort_keys={
-        "create_time": SortKey("create_time", "create_time", FieldKind.TIMESTAMP),
-        "revision": SortKey("revision", "revision", FieldKind.INTEGER),
-    },
+    sort_keys=sort_keys(create_time=FieldKind.TIMESTAMP, revision=FieldKind.INTEGER),
     # Newest first; rows of one transaction share create_time, and revision orders them.
     default_order="create_time desc, revision desc",
-    tie_breaker=SortKey("revision", "revision", FieldKind.INTEGER),
+    tie_breaker=_REVISION,
 )
 
 
@@ -163,30 +161,20 @@ def audit_log_from_row(row: Record) -> audit_log_pb2.AuditLog:
 
 
 class AuditLogService(audit_log_service_pb2_grpc.AuditLogServiceServicer):
-    def __init__(self, db: Database, page_tokens: PageTokenCodec) -> None:
-        self._db = db
-        self._page_tokens = page_tokens
+    def __init__(self, pages: Pages) -> None:
+        self._pages = pages
 
     async def ListAuditLogs(
         self, request: audit_log_service_pb2.ListAuditLogsRequest, context: Any
     ) -> audit_log_service_pb2.ListAuditLogsResponse:
-        page, next_token = await fetch_page(
-            self._db,
-            self._page_tokens,
-            LIST_SPEC,
-            current_principal().tenant_id,
-            page_size=request.page_size,
-            page_token=request.page_token,
-            filter=request.filter,
-            order_by=request.order_by,
+        items, next_token = await self._pages.fetch(
+            LIST_SPEC, current_principal().tenant_id, request, audit_log_from_row
         )
-        return audit_log_service_pb2.ListAuditLogsResponse(
-            audit_logs=[audit_log_from_row(row) for row in page], next_page_token=next_token
-        )
+        return audit_log_service_pb2.ListAuditLogsResponse(audit_logs=items, next_page_token=next_token)
 
 
 def register(add: Add, deps: Deps) -> None:
-    add(audit_log_service_pb2_grpc.add_AuditLogServiceServicer_to_server, AuditLogService(deps.db, deps.page_tokens))
+    add(audit_log_service_pb2_grpc.add_AuditLogServiceServicer_to_server, AuditLogService(deps.pages))
 
 
 RESOURCE = Resource.of(audit_log_service_pb2, "AuditLogService", register)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import grpc
 from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
@@ -26,15 +25,13 @@ from agentstore.db import ConstraintReason, Database, Record, register_constrain
 from agentstore.deps import Add, Deps, Resource
 from agentstore.errors import ApiError, invalid_argument, invalid_field, not_found
 from agentstore.jobs import all_tenant_ids
-from agentstore.query import FieldKind, FieldSpec, PageTokenCodec, SortKey
+from agentstore.query import FieldKind
 from agentstore.query.filter import FilterError, compile_filter
-from agentstore.query.listing import ListSpec
+from agentstore.query.listing import ID_KEY, ListSpec, filter_fields, sort_keys
 from agentstore.resources.agents import agent_cache
-from agentstore.resources.audit import audit_args, with_audit
 from agentstore.resources.fields import check_text, etag_of, json_to_struct, parse_id, struct_to_json, to_timestamp
-from agentstore.resources.idempotency import parse_request_id, replay_create
-from agentstore.resources.paging import fetch_page
-from agentstore.resources.spec import ResourceSpec, delete, loader, lock_for_update
+from agentstore.resources.paging import Pages
+from agentstore.resources.spec import Create, ResourceSpec, Update, delete, entity_cache, run
 from agentstore.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,36 +54,6 @@ COLUMNS = COLUMNS_OF.format(a="")
 # Every read and write sees only live sessions: expiry is exact, not up to the purge.
 LIVE = "AND expire_time > now()"
 
-# A write and its audit row in one statement (with_audit, agentstore_session_json of migration 0007).
-INSERT_SESSION = with_audit(
-    f"""written AS (
-    INSERT INTO sessions (tenant_id, id, agent_id, user_id, state, ttl, expire_time)
-    VALUES ($1, $2, $3, $4, $5::jsonb, $6::interval, now() + $6::interval)
-    RETURNING {COLUMNS}, agentstore_session_json(sessions) AS audit_after
-)""",
-    action="session.create",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=7,
-)
-
-# An update extends the session's life by its (possibly new) ttl, counted from now. The caller
-# holds the row lock and read its audit JSON with it (lock_for_update): $6.
-UPDATE_SESSION = with_audit(
-    f"""written AS (
-    UPDATE sessions
-    SET user_id = $3, state = $4::jsonb, ttl = $5::interval, expire_time = now() + $5::interval,
-        version = version + 1, update_time = now()
-    WHERE tenant_id = $1 AND id = $2 {LIVE}
-    RETURNING {COLUMNS}, agentstore_session_json(sessions) AS audit_after
-)""",
-    action="session.update",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=7,
-    before="$6::jsonb",
-)
-
 # The purge sees all tenants only through the platform scope of the tenants table; sessions
 # themselves are deleted one tenant (one row-level-security scope) at a time.
 PURGE_EXPIRED = """
@@ -104,25 +71,23 @@ WITH gone AS (
 SELECT count(*) FROM gone
 """
 
-FILTER_FIELDS = {
-    "agent_id": FieldSpec("agent_id", FieldKind.UUID),
-    "user_id": FieldSpec("user_id", FieldKind.STRING),
-    "state": FieldSpec("state", FieldKind.JSON),
-    "create_time": FieldSpec("create_time", FieldKind.TIMESTAMP),
-    "update_time": FieldSpec("update_time", FieldKind.TIMESTAMP),
-    "expire_time": FieldSpec("expire_time", FieldKind.TIMESTAMP),
-}
+FILTER_FIELDS = filter_fields(
+    agent_id=FieldKind.UUID,
+    user_id=FieldKind.STRING,
+    state=FieldKind.JSON,
+    create_time=FieldKind.TIMESTAMP,
+    update_time=FieldKind.TIMESTAMP,
+    expire_time=FieldKind.TIMESTAMP,
+)
 LIST_SPEC = ListSpec(
     resource="sessions",
-    select=f"SELECT {COLUMNS} FROM sessions WHERE tenant_id = $1 AND expire_time > now()",
+    select=f"SELECT {COLUMNS} FROM sessions WHERE tenant_id = $1 {LIVE}",
     fields=FILTER_FIELDS,
-    sort_keys={
-        "create_time": SortKey("create_time", "create_time", FieldKind.TIMESTAMP),
-        "update_time": SortKey("update_time", "update_time", FieldKind.TIMESTAMP),
-        "expire_time": SortKey("expire_time", "expire_time", FieldKind.TIMESTAMP),
-    },
+    sort_keys=sort_keys(
+        create_time=FieldKind.TIMESTAMP, update_time=FieldKind.TIMESTAMP, expire_time=FieldKind.TIMESTAMP
+    ),
     default_order="create_time",
-    tie_breaker=SortKey("id", "id", FieldKind.UUID),
+    tie_breaker=ID_KEY,
 )
 
 UPDATABLE = ("user_id", "state", "ttl")
@@ -176,8 +141,18 @@ def ttl_of(duration: duration_pb2.Duration, field: str) -> timedelta:
     return ttl
 
 
-def validate(session: session_pb2.Session, paths: Sequence[str] = ("user_id", "state", "ttl")) -> None:
+def validate(session: session_pb2.Session, paths: Sequence[str], creating: bool) -> None:
     """Check the fields named in `paths` (every writable one for a create): before any transaction."""
+    if creating:
+        if not session.agent_id:
+            raise invalid_field("session.agent_id", "is required")
+        parse_id(session.agent_id, "session.agent_id")
+    elif "state" in paths and any(p.startswith(STATE_KEY_PREFIX) for p in paths):
+        raise invalid_argument(
+            "INVALID_UPDATE_MASK",
+            "state and state.<key> paths cannot be combined",
+            [("update_mask", "state and state.<key> paths cannot be combined")],
+        )
     if "user_id" in paths:
         check_text(session.user_id, "session.user_id", max_len=MAX_USER_ID)
     if "state" in paths:
@@ -199,19 +174,6 @@ def column_values(session: session_pb2.Session) -> list[Any]:
     """The stored form of the writable fields (validated already), in the order UPDATE takes them."""
     ttl = ttl_of(session.ttl, "session.ttl") if session.HasField("ttl") else DEFAULT_TTL
     return [session.user_id, struct_to_json(session.state, "session.state"), ttl]
-
-
-def update_paths(request: session_service_pb2.UpdateSessionRequest) -> list[str]:
-    """The fields to write: the mask's, `*` for all, or (no mask) every field set in the session."""
-    mask = request.update_mask if request.HasField("update_mask") else None
-    paths = SESSION.update_paths(request.session, mask)
-    if "state" in paths and any(p.startswith(STATE_KEY_PREFIX) for p in paths):
-        raise invalid_argument(
-            "INVALID_UPDATE_MASK",
-            "state and state.<key> paths cannot be combined",
-            [("update_mask", "state and state.<key> paths cannot be combined")],
-        )
-    return paths
 
 
 def merge_for_update(
@@ -280,6 +242,14 @@ SESSION = ResourceSpec(
     not_found=session_not_found,
     read_function="agentstore_read_sessions",
     json_function="agentstore_session_json",
+    validate=validate,
+    insert_columns="agent_id, user_id, state, ttl, expire_time",
+    insert_values="$3, $4, $5::jsonb, $6::interval, now() + $6::interval",
+    create_values=lambda session: [uuid.UUID(session.agent_id), *column_values(session)],
+    # An update extends the session's life by its (possibly new) ttl, counted from now.
+    update_set="user_id = $3, state = $4::jsonb, ttl = $5::interval, expire_time = now() + $5::interval",
+    update_values=column_values,
+    creatable=("agent_id", *UPDATABLE),
     updatable=UPDATABLE,
     output_only=OUTPUT_ONLY,
     immutable=IMMUTABLE,
@@ -292,15 +262,15 @@ SESSION = ResourceSpec(
 
 
 def session_cache(deps: Deps) -> EntityCache:
-    return deps.entity_cache(ENTITY, loader(deps.db, SESSION), SESSION.cache_entry, expires=session_expiry)
+    return entity_cache(deps, SESSION)
 
 
 class SessionService(session_service_pb2_grpc.SessionServiceServicer):
     """Servicers only unpack the request, run one unit of work and build the response."""
 
-    def __init__(self, db: Database, page_tokens: PageTokenCodec, cache: EntityCache, agents: EntityCache) -> None:
+    def __init__(self, db: Database, pages: Pages, cache: EntityCache, agents: EntityCache) -> None:
         self._db = db
-        self._page_tokens = page_tokens
+        self._pages = pages
         self._cache = cache
         self._agents = agents
 
@@ -329,66 +299,20 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
     ) -> session_service_pb2.ListSessionsResponse:
         tenant = current_principal().tenant_id
         agent_id = parse_id(request.agent_id, "agent_id") if request.agent_id else None
-        page, next_token = await fetch_page(
-            self._db,
-            self._page_tokens,
-            LIST_SPEC,
-            tenant,
-            page_size=request.page_size,
-            page_token=request.page_token,
-            filter=with_agent(request.filter, agent_id),
-            order_by=request.order_by,
+        items, next_token = await self._pages.fetch(
+            LIST_SPEC, tenant, request, session_from_row, filter=with_agent(request.filter, agent_id)
         )
-        return session_service_pb2.ListSessionsResponse(
-            sessions=[session_from_row(row) for row in page], next_page_token=next_token
-        )
+        return session_service_pb2.ListSessionsResponse(sessions=items, next_page_token=next_token)
 
     async def CreateSession(  # type: ignore[override]
         self, request: session_service_pb2.CreateSessionRequest, context: Any
     ) -> bytes:
-        principal = current_principal()
-        if not request.HasField("session"):
-            raise invalid_field("session", "is required")
-        if not request.session.agent_id:
-            raise invalid_field("session.agent_id", "is required")
-        agent_id = parse_id(request.session.agent_id, "session.agent_id")
-        validate(request.session)
-        values = column_values(request.session)
-        request_id = parse_request_id(request.request_id)
-        tenant = principal.tenant_id
-
-        async def create(con: asyncpg.Connection) -> Record:
-            new_id = uuid.uuid4()
-            earlier = await replay_create(
-                con, tenant, request_id, ENTITY, new_id, SESSION.get_sql, how="deleted or expired"
-            )
-            if earlier is not None:
-                return earlier
-            return await con.fetchrow(INSERT_SESSION, tenant, new_id, agent_id, *values, *audit_args(principal))
-
-        return await self._cache.written(tenant, await self._db.run(create, tenant))
+        return await run(self._db, self._cache, current_principal(), Create.of(SESSION, request, "deleted or expired"))
 
     async def UpdateSession(  # type: ignore[override]
         self, request: session_service_pb2.UpdateSessionRequest, context: Any
     ) -> bytes:
-        principal = current_principal()
-        if not request.HasField("session"):
-            raise invalid_field("session", "is required")
-        patch = request.session
-        session_id = parse_id(patch.id, "session.id")
-        paths = update_paths(request)
-        validate(patch, paths)
-        tenant = principal.tenant_id
-
-        async def update(con: asyncpg.Connection) -> Record:
-            row = await lock_for_update(con, SESSION, tenant, session_id, patch.etag)
-            merged = SESSION.merged(session_from_row(row), patch, paths)
-            values = column_values(merged)  # type: ignore[arg-type]
-            return await con.fetchrow(
-                UPDATE_SESSION, tenant, session_id, *values, row["audit_before"], *audit_args(principal)
-            )
-
-        return await self._cache.written(tenant, await self._db.run(update, tenant))
+        return await run(self._db, self._cache, current_principal(), Update.of(SESSION, request))
 
     async def DeleteSession(self, request: session_service_pb2.DeleteSessionRequest, context: Any) -> empty_pb2.Empty:
         principal = current_principal()
@@ -422,7 +346,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
 
 
 def register(add: Add, deps: Deps) -> None:
-    service = SessionService(deps.db, deps.page_tokens, deps.shared(session_cache), deps.shared(agent_cache))
+    service = SessionService(deps.db, deps.pages, deps.shared(session_cache), deps.shared(agent_cache))
     add(session_service_pb2_grpc.add_SessionServiceServicer_to_server, service)
     deps.add_job(
         "expired sessions purged",

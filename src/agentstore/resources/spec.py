@@ -11,6 +11,9 @@ migration 0006/0007). Everything else is written once, here:
   the update statement need not read it again.
 * `delete`: the etag goes into the DELETE's WHERE clause, so a stale delete changes (and
   cascades) nothing; the audit row goes in the same statement.
+* `Create`, `Update` and `Delete`: one write each, prepared (parsed and validated) before the
+  transaction opens; `apply(con, principal)` does it inside one (with its audit row, in the same
+  statement as the change), and `run` commits one and writes the cache through.
 
 After commit, `EntityCache.written(tenant, row)` encodes the row once: the response and both
 cache tiers get the same bytes.
@@ -18,25 +21,35 @@ cache tiers get the same bytes.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import asyncpg
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
 from agentstore import metrics
-from agentstore.cache.entity import Expiry, LoadMany
+from agentstore.cache.entity import EntityCache, Expiry, LoadMany
+from agentstore.cache.l1 import L1Cache
 from agentstore.context import Principal
 from agentstore.db import Database, Record
-from agentstore.errors import ApiError, etag_mismatch
+from agentstore.deps import Deps
+from agentstore.errors import ApiError, etag_mismatch, invalid_field
 from agentstore.resources.audit import audit_args, with_audit
+from agentstore.resources.fields import parse_id
+from agentstore.resources.idempotency import parse_request_id, replay_create
 from agentstore.resources.masks import update_mask_paths
 
 # Merge `patch` into a copy of `stored` along the update paths (the default: FieldMask.MergeMessage).
 Merge = Callable[[Message, Message, Sequence[str]], Message]
+# Check the fields of a resource named by the paths (a create: `creatable`); the flag: a create.
+Validate = Callable[[Any, Sequence[str], bool], None]
+# The stored form of a (validated) resource's writable fields, in the order the statement takes them.
+Values = Callable[[Any], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,15 @@ class ResourceSpec:
     not_found: Callable[[uuid.UUID | str], ApiError]
     read_function: str  # agentstore_read_<table>(tenant, ids): sets the tenant, then selects
     json_function: str  # agentstore_<entity>_json(row): the audit JSON, the only encoding of it
+    validate: Validate
+    # INSERT: the columns after tenant_id and id, their SQL values ($3 on), and the Python values.
+    insert_columns: str
+    insert_values: str
+    create_values: Values
+    # UPDATE: the SET clause ($3 on; version and update_time are added), and the Python values.
+    update_set: str
+    update_values: Values
+    creatable: tuple[str, ...] = ()  # the fields a create writes (validated)
     updatable: tuple[str, ...] = ()
     output_only: tuple[str, ...] = ()
     immutable: tuple[str, ...] = ()
@@ -98,6 +120,45 @@ FROM {self.table} AS t WHERE t.tenant_id = $1 AND t.id = $2 {self.live} FOR UPDA
         )
 
     @cached_property
+    def insert_sql(self) -> str:
+        """The INSERT of one row ($1 tenant, $2 id, then insert_values) with its audit row."""
+        return with_audit(
+            f"""written AS (
+    INSERT INTO {self.table} AS t (tenant_id, id, {self.insert_columns})
+    VALUES ($1, $2, {self.insert_values})
+    RETURNING {self.columns_of.format(a="t.")}, {self.json_function}(t) AS audit_after
+)""",
+            action=f"{self.entity}.create",
+            entity_type=self.entity,
+            returning=self.columns,
+            first_param=_last_param(self.insert_values) + 1,
+        )
+
+    @cached_property
+    def update_sql(self) -> str:
+        """The UPDATE of one locked row ($1 tenant, $2 id, then update_set, then the audit
+        `before` that lock_for_update read) with its audit row."""
+        return self.audited_update(self.update_set, "update")
+
+    def audited_update(self, assignments: str, action: str) -> str:
+        """An UPDATE of one locked row ($1 tenant, $2 id; `assignments` use $3 on) that bumps the
+        version and update_time, with an audit row whose `before` is the parameter after them."""
+        before = _last_param(assignments) + 1
+        return with_audit(
+            f"""written AS (
+    UPDATE {self.table} AS t
+    SET {assignments}, version = t.version + 1, update_time = now()
+    WHERE t.tenant_id = $1 AND t.id = $2 {self.live}
+    RETURNING {self.columns_of.format(a="t.")}, {self.json_function}(t) AS audit_after
+)""",
+            action=f"{self.entity}.{action}",
+            entity_type=self.entity,
+            returning=self.columns,
+            first_param=before + 1,
+            before=f"${before}::jsonb",
+        )
+
+    @cached_property
     def version_sql(self) -> str:
         return f"SELECT version FROM {self.table} WHERE tenant_id = $1 AND id = $2 {self.live}"
 
@@ -130,6 +191,10 @@ FROM {self.table} AS t WHERE t.tenant_id = $1 AND t.id = $2 {self.live} FOR UPDA
         return merged
 
 
+def _last_param(sql: str) -> int:
+    return max((int(n) for n in re.findall(r"\$(\d+)", sql)), default=2)
+
+
 def parse_etag(etag: str) -> int | None:
     """The version an AIP-154 etag names: None for "" (unconditional), -1 for one this server
     never issued (it matches no version)."""
@@ -139,6 +204,26 @@ def parse_etag(etag: str) -> int | None:
     if len(etag) < 14 and etag[0] == etag[-1] == '"' and inner.isdigit() and str(int(inner)) == inner:
         return int(inner)
     return -1
+
+
+def entity_cache(deps: Deps, spec: ResourceSpec) -> EntityCache:
+    """The read-through cache of one resource (one per server: call it from a deps.shared factory)."""
+
+    def build(l1: L1Cache) -> EntityCache:
+        return EntityCache(
+            spec.entity,
+            l1,
+            deps.l2,
+            deps.bus,
+            deps.circuit,
+            deps.settings.redis_key_prefix,
+            loader(deps.db, spec),
+            spec.cache_entry,
+            expires=spec.expires,
+            missing=spec.not_found,
+        )
+
+    return deps.cache_of(spec.entity, build)
 
 
 def loader(db: Database, spec: ResourceSpec) -> LoadMany:
@@ -184,3 +269,71 @@ async def delete(
     if await con.fetchval(spec.version_sql, tenant, entity_id) is None:
         raise spec.not_found(entity_id)
     raise etag_mismatch(spec.entity)
+
+
+# --- one write each, prepared before the transaction ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Create:
+    spec: ResourceSpec
+    resource: Message
+    request_id: uuid.UUID | None
+    # How a resource an earlier create made can have gone (AIP-155 replay cannot return it).
+    gone: str = "deleted"
+
+    @staticmethod
+    def of(spec: ResourceSpec, request: Any, gone: str = "deleted") -> Create:
+        """From a Create<X>Request (its `<entity>` and `request_id`): parsed and validated."""
+        if not request.HasField(spec.entity):
+            raise invalid_field(spec.entity, "is required")
+        resource = getattr(request, spec.entity)
+        spec.validate(resource, spec.creatable, True)
+        return Create(spec, resource, parse_request_id(request.request_id), gone)
+
+    async def apply(self, con: asyncpg.Connection, principal: Principal) -> Record:
+        """Insert the row with its audit row, or (AIP-155) return the row this request_id made."""
+        spec, tenant, new_id = self.spec, principal.tenant_id, uuid.uuid4()
+        earlier = await replay_create(con, tenant, self.request_id, spec.entity, new_id, spec.get_sql, how=self.gone)
+        if earlier is not None:
+            return earlier
+        values = spec.create_values(self.resource)
+        row: Record = await con.fetchrow(spec.insert_sql, tenant, new_id, *values, *audit_args(principal))
+        return row
+
+
+@dataclass(frozen=True)
+class Update:
+    spec: ResourceSpec
+    entity_id: uuid.UUID
+    patch: Message
+    paths: list[str]
+
+    @staticmethod
+    def of(spec: ResourceSpec, request: Any) -> Update:
+        """From an Update<X>Request (its `<entity>` and `update_mask`): parsed and validated."""
+        if not request.HasField(spec.entity):
+            raise invalid_field(spec.entity, "is required")
+        patch = getattr(request, spec.entity)
+        entity_id = parse_id(patch.id, f"{spec.entity}.id")
+        paths = spec.update_paths(patch, request.update_mask if request.HasField("update_mask") else None)
+        spec.validate(patch, paths, False)
+        return Update(spec, entity_id, patch, paths)
+
+    async def apply(self, con: asyncpg.Connection, principal: Principal) -> Record:
+        """Lock the row, check the etag, merge by mask, update it with its audit row."""
+        spec, tenant = self.spec, principal.tenant_id
+        row = await lock_for_update(con, spec, tenant, self.entity_id, self.patch.etag)  # type: ignore[attr-defined]
+        values = spec.update_values(spec.merged(spec.from_row(row), self.patch, self.paths))
+        updated: Record = await con.fetchrow(
+            spec.update_sql, tenant, self.entity_id, *values, row["audit_before"], *audit_args(principal)
+        )
+        return updated
+
+
+async def run(db: Database, cache: EntityCache, principal: Principal, write: Create | Update) -> bytes:
+    """One create or update in its own transaction; after commit, the cache written through.
+    The written row's wire bytes (the response)."""
+    tenant = principal.tenant_id
+    row = await db.run(lambda con: write.apply(con, principal), tenant)
+    return await cache.written(tenant, row)

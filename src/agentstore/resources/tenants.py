@@ -14,11 +14,11 @@ from agentstore.context import Principal, Role, current_principal
 from agentstore.db import ConstraintReason, Database, Record, register_constraint
 from agentstore.deps import Add, Deps, Resource
 from agentstore.errors import invalid_field, not_found
-from agentstore.query import FieldKind, PageTokenCodec, SortKey
-from agentstore.query.listing import ListSpec
+from agentstore.query import FieldKind
+from agentstore.query.listing import ID_KEY, ListSpec, sort_keys
 from agentstore.resources.audit import write_audit
 from agentstore.resources.fields import check_text, from_timestamp, parse_id, to_timestamp
-from agentstore.resources.paging import fetch_page
+from agentstore.resources.paging import Pages
 from agentstore.v1 import tenant_pb2, tenant_service_pb2, tenant_service_pb2_grpc
 
 TENANT_COLUMNS = "id, name, create_time, update_time"
@@ -39,25 +39,24 @@ RETURNING {API_KEY_COLUMNS}
 """
 API_KEY_BY_ID = f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND id = $2"
 
-_ID_KEY = SortKey("id", "id", FieldKind.UUID)
 # Tenants are only visible across tenants under the platform scope; the `TRUE` keeps the select
 # shape of every other List (a WHERE clause the plan appends to).
 TENANTS_LIST = ListSpec(
     resource="tenants",
     select=f"SELECT {TENANT_COLUMNS} FROM tenants WHERE TRUE",
     fields={},
-    sort_keys={"name": SortKey("name", "name", FieldKind.STRING)},
+    sort_keys=sort_keys(name=FieldKind.STRING),
     default_order="name",
-    tie_breaker=_ID_KEY,
+    tie_breaker=ID_KEY,
     base_params=0,
 )
 API_KEYS_LIST = ListSpec(
     resource="api_keys",
     select=f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1",
     fields={},
-    sort_keys={"create_time": SortKey("create_time", "create_time", FieldKind.TIMESTAMP)},
+    sort_keys=sort_keys(create_time=FieldKind.TIMESTAMP),
     default_order="create_time desc",
-    tie_breaker=_ID_KEY,
+    tie_breaker=ID_KEY,
 )
 
 _ROLE_TO_PROTO = {
@@ -148,9 +147,9 @@ async def create_api_key(
 
 
 class TenantService(tenant_service_pb2_grpc.TenantServiceServicer):
-    def __init__(self, db: Database, page_tokens: PageTokenCodec, authenticator: Authenticator) -> None:
+    def __init__(self, db: Database, pages: Pages, authenticator: Authenticator) -> None:
         self._db = db
-        self._page_tokens = page_tokens
+        self._pages = pages
         self._auth = authenticator
 
     async def CreateTenant(self, request: tenant_service_pb2.CreateTenantRequest, context: Any) -> tenant_pb2.Tenant:
@@ -166,18 +165,8 @@ class TenantService(tenant_service_pb2_grpc.TenantServiceServicer):
     async def ListTenants(
         self, request: tenant_service_pb2.ListTenantsRequest, context: Any
     ) -> tenant_service_pb2.ListTenantsResponse:
-        page, next_token = await fetch_page(
-            self._db,
-            self._page_tokens,
-            TENANTS_LIST,
-            None,
-            page_size=request.page_size,
-            page_token=request.page_token,
-            platform_scope=True,
-        )
-        return tenant_service_pb2.ListTenantsResponse(
-            tenants=[tenant_from_row(r) for r in page], next_page_token=next_token
-        )
+        items, next_token = await self._pages.fetch(TENANTS_LIST, None, request, tenant_from_row, platform_scope=True)
+        return tenant_service_pb2.ListTenantsResponse(tenants=items, next_page_token=next_token)
 
     async def CreateApiKey(
         self, request: tenant_service_pb2.CreateApiKeyRequest, context: Any
@@ -189,17 +178,8 @@ class TenantService(tenant_service_pb2_grpc.TenantServiceServicer):
         self, request: tenant_service_pb2.ListApiKeysRequest, context: Any
     ) -> tenant_service_pb2.ListApiKeysResponse:
         tenant_id = parse_id(request.tenant_id, "tenant_id")
-        page, next_token = await fetch_page(
-            self._db,
-            self._page_tokens,
-            API_KEYS_LIST,
-            tenant_id,
-            page_size=request.page_size,
-            page_token=request.page_token,
-        )
-        return tenant_service_pb2.ListApiKeysResponse(
-            api_keys=[api_key_from_row(r) for r in page], next_page_token=next_token
-        )
+        items, next_token = await self._pages.fetch(API_KEYS_LIST, tenant_id, request, api_key_from_row)
+        return tenant_service_pb2.ListApiKeysResponse(api_keys=items, next_page_token=next_token)
 
     async def RevokeApiKey(self, request: tenant_service_pb2.RevokeApiKeyRequest, context: Any) -> tenant_pb2.ApiKey:
         tenant_id = parse_id(request.tenant_id, "tenant_id")
@@ -233,7 +213,7 @@ class TenantService(tenant_service_pb2_grpc.TenantServiceServicer):
 def register(add: Add, deps: Deps) -> None:
     add(
         tenant_service_pb2_grpc.add_TenantServiceServicer_to_server,
-        TenantService(deps.db, deps.page_tokens, deps.authenticator),
+        TenantService(deps.db, deps.pages, deps.authenticator),
     )
 
 

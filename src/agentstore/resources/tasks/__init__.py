@@ -7,7 +7,7 @@ from agentstore.cache.entity import EntityCache
 from agentstore.deps import Add, Deps, Resource
 from agentstore.resources.agents import agent_cache
 from agentstore.resources.leaderboard import leaderboard
-from agentstore.resources.spec import loader
+from agentstore.resources.spec import entity_cache
 from agentstore.resources.tasks.model import TASK
 from agentstore.resources.tasks.queue import TaskQueue
 from agentstore.resources.tasks.service import TaskService
@@ -15,7 +15,7 @@ from agentstore.v1 import task_service_pb2, task_service_pb2_grpc
 
 
 def task_cache(deps: Deps) -> EntityCache:
-    return deps.entity_cache(TASK.entity, loader(deps.db, TASK), TASK.cache_entry)
+    return entity_cache(deps, TASK)
 
 
 def task_queue(deps: Deps) -> TaskQueue:
@@ -26,7 +26,7 @@ def register(add: Add, deps: Deps) -> None:
     queue = deps.shared(task_queue)
     add(
         task_service_pb2_grpc.add_TaskServiceServicer_to_server,
-        TaskService(deps.db, deps.page_tokens, deps.shared(task_cache), deps.shared(agent_cache), queue),
+        TaskService(deps.db, deps.pages, deps.shared(task_cache), deps.shared(agent_cache), queue),
     )
     deps.add_job("expired task leases swept", deps.settings.lease_sweep_interval_seconds, queue.sweep)
 

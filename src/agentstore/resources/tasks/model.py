@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from agentstore.db import Record
 from agentstore.errors import ApiError, invalid_field, not_found
 from agentstore.query import FieldKind, FieldSpec, SortKey
-from agentstore.query.listing import ListSpec
+from agentstore.query.listing import ID_KEY, ListSpec, filter_fields, json_field, sort_keys, tags_field
 from agentstore.resources.fields import check_text, etag_of, json_to_struct, struct_to_json, to_timestamp
 from agentstore.resources.spec import ResourceSpec
 from agentstore.resources.tasks.sql import COLUMNS, COLUMNS_OF, ENTITY
@@ -31,41 +31,28 @@ STATUS_FROM_DB: dict[str, int] = {v: k for k, v in STATUS_TO_DB.items()}
 FINISHED = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 _STATUS_LITERALS = {**{f"TASK_STATUS_{v}": v for v in STATUS_TO_DB.values()}, **{v: v for v in STATUS_TO_DB.values()}}
-FILTER_FIELDS = {
-    "title": FieldSpec("title", FieldKind.STRING),
-    "status": FieldSpec("status", FieldKind.ENUM, _STATUS_LITERALS),
-    "assigned_agent_id": FieldSpec("assigned_agent_id", FieldKind.UUID),
-    "priority": FieldSpec("priority", FieldKind.INTEGER),
-    "attempts": FieldSpec("attempts", FieldKind.INTEGER),
-    "max_attempts": FieldSpec("max_attempts", FieldKind.INTEGER),
-    "required_capabilities": FieldSpec(
-        "required_capabilities",
-        FieldKind.STRING_ARRAY,
-        contains_sql="agentstore_scoped_tags(tenant_id, required_capabilities) @> agentstore_scoped_tags($1, {value})",
-    ),
-    "payload": FieldSpec(
-        "payload",
-        FieldKind.JSON,
-        contains_sql="agentstore_scoped_json(tenant_id, payload) @> agentstore_scoped_json($1, {value})",
-    ),
-    "create_time": FieldSpec("create_time", FieldKind.TIMESTAMP),
-    "update_time": FieldSpec("update_time", FieldKind.TIMESTAMP),
-    "start_time": FieldSpec("start_time", FieldKind.TIMESTAMP),
-    "complete_time": FieldSpec("complete_time", FieldKind.TIMESTAMP),
-    "lease_expire_time": FieldSpec("lease_expire_time", FieldKind.TIMESTAMP),
-}
-_ID_KEY = SortKey("id", "id", FieldKind.UUID)
+FILTER_FIELDS = filter_fields(
+    title=FieldKind.STRING,
+    status=FieldSpec("status", FieldKind.ENUM, _STATUS_LITERALS),
+    assigned_agent_id=FieldKind.UUID,
+    priority=FieldKind.INTEGER,
+    attempts=FieldKind.INTEGER,
+    max_attempts=FieldKind.INTEGER,
+    required_capabilities=tags_field("required_capabilities"),
+    payload=json_field("payload"),
+    create_time=FieldKind.TIMESTAMP,
+    update_time=FieldKind.TIMESTAMP,
+    start_time=FieldKind.TIMESTAMP,
+    complete_time=FieldKind.TIMESTAMP,
+    lease_expire_time=FieldKind.TIMESTAMP,
+)
 LIST_SPEC = ListSpec(
     resource="tasks",
     select=f"SELECT {COLUMNS} FROM tasks WHERE tenant_id = $1",
     fields=FILTER_FIELDS,
-    sort_keys={
-        "priority": SortKey("priority", "priority", FieldKind.INTEGER),
-        "create_time": SortKey("create_time", "create_time", FieldKind.TIMESTAMP),
-        "update_time": SortKey("update_time", "update_time", FieldKind.TIMESTAMP),
-    },
+    sort_keys=sort_keys(priority=FieldKind.INTEGER, create_time=FieldKind.TIMESTAMP, update_time=FieldKind.TIMESTAMP),
     default_order="create_time",
-    tie_breaker=_ID_KEY,
+    tie_breaker=ID_KEY,
 )
 
 # Search: $2 is the query. The rank is an integer so that it can key a page token: a title equal
@@ -85,7 +72,7 @@ SELECT * FROM (
     fields=FILTER_FIELDS,
     sort_keys={"rank": SortKey("rank", "rank", FieldKind.INTEGER)},
     default_order="rank desc",
-    tie_breaker=_ID_KEY,
+    tie_breaker=ID_KEY,
     base_params=2,
 )
 
@@ -253,6 +240,10 @@ def merge_for_update(stored: Message, patch: Message, paths: Sequence[str]) -> M
     return merged
 
 
+# The writable columns in column_values order ($3 on).
+WRITE_SET = """title = $3, description = $4, priority = $5, payload = $6::jsonb, required_capabilities = $7,
+        max_attempts = $8"""
+
 TASK = ResourceSpec(
     entity=ENTITY,
     table="tasks",
@@ -261,6 +252,13 @@ TASK = ResourceSpec(
     not_found=task_not_found,
     read_function="agentstore_read_tasks",
     json_function="agentstore_task_json",
+    validate=lambda task, paths, creating: validate(task, paths),
+    insert_columns="title, description, priority, payload, required_capabilities, max_attempts",
+    insert_values="$3, $4, $5, $6::jsonb, $7, $8",
+    create_values=column_values,
+    update_set=WRITE_SET,
+    update_values=column_values,
+    creatable=WRITABLE,
     updatable=UPDATABLE,
     output_only=OUTPUT_ONLY,
     merge=merge_for_update,

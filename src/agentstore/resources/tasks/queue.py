@@ -30,8 +30,8 @@ from agentstore.resources.achievements import award_for_completion
 from agentstore.resources.audit import audit_args
 from agentstore.resources.fields import check_text, parse_id, struct_to_json
 from agentstore.resources.leaderboard import Leaderboard
-from agentstore.resources.tasks.model import MAX_ERROR, lease_lost, lease_of, task_not_found
-from agentstore.resources.tasks.sql import CLAIM_TASK, COMPLETE_TASK, EXPIRE_LEASES, FAIL_TASK, LOCK_TASK, RENEW_LEASE
+from agentstore.resources.tasks.model import MAX_ERROR, TASK, lease_lost, lease_of, task_not_found
+from agentstore.resources.tasks.sql import CLAIM_TASK, EXPIRE_LEASES, LOCK_TASK
 from agentstore.resources.wire import message_field, varint_field
 from agentstore.v1 import task_service_pb2
 
@@ -39,6 +39,19 @@ READY = "task-ready"  # bus kind of the "a task may be claimable in tenant <key>
 MAX_CLAIM_WAIT = 60.0
 _WAIT_POLL = 1.0  # waiting claimers re-check this often even if no hint arrives
 EXPIRE_BATCH = 500
+
+# The lease writes, each on a row LOCK_TASK locked, with an audit row whose `before` is the JSON
+# LOCK_TASK read: the parameter after the ones shown ($1 tenant, $2 id).
+RENEW_LEASE = TASK.audited_update("lease_expire_time = now() + $3::interval", "renew_lease")
+COMPLETE_TASK = TASK.audited_update(
+    "status = 'SUCCEEDED', result = $3::jsonb, lease_expire_time = NULL, complete_time = now()", "complete"
+)
+# A retryable failure ($4) with attempts left goes back to the queue; anything else fails for good.
+FAIL_TASK = TASK.audited_update(
+    """status = CASE WHEN $4 AND t.attempts < t.max_attempts THEN 'PENDING' ELSE 'FAILED' END, error = $3,
+    lease_expire_time = NULL, complete_time = CASE WHEN $4 AND t.attempts < t.max_attempts THEN NULL ELSE now() END""",
+    "fail",
+)
 
 
 class Waiters:

@@ -17,13 +17,12 @@ from agentstore.cache.entity import EntityCache
 from agentstore.context import current_principal
 from agentstore.db import Database, Record
 from agentstore.errors import ApiError, invalid_argument, invalid_field
-from agentstore.query import PageTokenCodec
 from agentstore.resources import agents
 from agentstore.resources.audit import audit_args
 from agentstore.resources.fields import check_text, parse_id
-from agentstore.resources.idempotency import created_resource_gone, parse_request_id, replay_create
-from agentstore.resources.paging import fetch_page
-from agentstore.resources.spec import delete, lock_for_update
+from agentstore.resources.idempotency import created_resource_gone
+from agentstore.resources.paging import Pages
+from agentstore.resources.spec import Create, delete, lock_for_update, run
 from agentstore.resources.tasks.model import (
     FINISHED,
     LIST_SPEC,
@@ -31,10 +30,10 @@ from agentstore.resources.tasks.model import (
     MAX_QUERY,
     SEARCH_SPEC,
     TASK,
+    WRITE_SET,
     column_values,
     created_tasks,
     task_from_row,
-    task_not_found,
     validate,
 )
 from agentstore.resources.tasks.queue import TaskQueue
@@ -42,11 +41,19 @@ from agentstore.resources.tasks.sql import (
     CLAIM_REQUEST_IDS,
     EARLIER_REQUESTS,
     ENTITY,
-    INSERT_TASK,
     INSERT_TASKS,
-    UPDATE_TASK,
 )
 from agentstore.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
+# An update of the writable fields that may also cancel ($9): the status goes to CANCELLED and
+# the lease ends.
+UPDATE_TASK = TASK.audited_update(
+    f"""{WRITE_SET},
+        status = CASE WHEN $9 THEN 'CANCELLED' ELSE t.status END,
+        lease_expire_time = CASE WHEN $9 THEN NULL ELSE t.lease_expire_time END,
+        complete_time = CASE WHEN $9 THEN now() ELSE t.complete_time END""",
+    "update",
+)
 
 
 class TaskService(task_service_pb2_grpc.TaskServiceServicer):
@@ -54,37 +61,23 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     writes of one task answer wire bytes (cached, or the one encoding of a written row)."""
 
     def __init__(
-        self, db: Database, page_tokens: PageTokenCodec, cache: EntityCache, agent_cache: EntityCache, queue: TaskQueue
+        self, db: Database, pages: Pages, cache: EntityCache, agent_cache: EntityCache, queue: TaskQueue
     ) -> None:
         self._db = db
-        self._page_tokens = page_tokens
+        self._pages = pages
         self._cache = cache
         self._agents = agent_cache
         self._queue = queue
 
     async def GetTask(self, request: task_service_pb2.GetTaskRequest, context: Any) -> bytes:  # type: ignore[override]
         key = (current_principal().tenant_id, parse_id(request.id))
-        payload = self._cache.cached(key)
-        if payload is None:
-            payload = await self._cache.get(key)
-            if payload is None:
-                raise task_not_found(key[1])
-        return payload
+        return self._cache.cached(key) or await self._cache.require(key)
 
     async def ListTasks(
         self, request: task_service_pb2.ListTasksRequest, context: Any
     ) -> task_service_pb2.ListTasksResponse:
-        page, next_token = await fetch_page(
-            self._db,
-            self._page_tokens,
-            LIST_SPEC,
-            current_principal().tenant_id,
-            page_size=request.page_size,
-            page_token=request.page_token,
-            filter=request.filter,
-            order_by=request.order_by,
-        )
-        return task_service_pb2.ListTasksResponse(tasks=[task_from_row(r) for r in page], next_page_token=next_token)
+        items, next_token = await self._pages.fetch(LIST_SPEC, current_principal().tenant_id, request, task_from_row)
+        return task_service_pb2.ListTasksResponse(tasks=items, next_page_token=next_token)
 
     async def SearchTasks(
         self, request: task_service_pb2.SearchTasksRequest, context: Any
@@ -95,38 +88,14 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         # The page token is bound to the query as well as the filter.
         digest = hashlib.sha256(query.encode()).hexdigest()[:32]
         spec = dataclasses.replace(SEARCH_SPEC, resource=f"{SEARCH_SPEC.resource}:{digest}")
-        page, next_token = await fetch_page(
-            self._db,
-            self._page_tokens,
-            spec,
-            tenant,
-            page_size=request.page_size,
-            page_token=request.page_token,
-            filter=request.filter,
-            base=(tenant, query),
-        )
-        return task_service_pb2.SearchTasksResponse(tasks=[task_from_row(r) for r in page], next_page_token=next_token)
+        items, next_token = await self._pages.fetch(spec, tenant, request, task_from_row, base=(tenant, query))
+        return task_service_pb2.SearchTasksResponse(tasks=items, next_page_token=next_token)
 
     async def CreateTask(self, request: task_service_pb2.CreateTaskRequest, context: Any) -> bytes:  # type: ignore[override]
         principal = current_principal()
-        tenant = principal.tenant_id
-        if not request.HasField("task"):
-            raise invalid_field("task", "is required")
-        validate(request.task)
-        values = column_values(request.task)
-        request_id = parse_request_id(request.request_id)
-
-        async def create(con: asyncpg.Connection) -> tuple[Record, bool]:
-            new_id = uuid.uuid4()
-            earlier = await replay_create(con, tenant, request_id, ENTITY, new_id, TASK.get_sql)
-            if earlier is not None:
-                return earlier, False
-            return await con.fetchrow(INSERT_TASK, tenant, new_id, *values, *audit_args(principal)), True
-
-        row, created = await self._db.run(create, tenant)
-        if created:
-            await self._queue.ready(tenant)
-        return await self._cache.written(tenant, row)
+        payload = await run(self._db, self._cache, principal, Create.of(TASK, request))
+        await self._queue.ready(principal.tenant_id)
+        return payload
 
     async def BatchCreateTasks(
         self, request: task_service_pb2.BatchCreateTasksRequest, context: Any

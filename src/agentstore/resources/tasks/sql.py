@@ -28,18 +28,6 @@ SELECT {T_COLUMNS}, (t.lease_expire_time > now()) AS lease_live, agentstore_task
 FROM tasks AS t WHERE t.tenant_id = $1 AND t.id = $2 FOR UPDATE
 """
 
-INSERT_TASK = with_audit(
-    f"""written AS (
-    INSERT INTO tasks AS t (tenant_id, id, title, description, priority, payload, required_capabilities, max_attempts)
-    VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)
-    RETURNING {_WRITTEN}
-)""",
-    action="task.create",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=9,
-)
-
 # One statement for up to 1000 tasks and their `task.create` audit rows. Capability lists travel
 # as JSON arrays because PostgreSQL arrays must be rectangular and cannot be unnested one row at a
 # time. The audit rows keep the order of the request. Only the columns PostgreSQL generates come
@@ -77,26 +65,6 @@ FROM create_requests r LEFT JOIN tasks t ON t.tenant_id = r.tenant_id AND t.id =
 WHERE r.tenant_id = $1 AND r.request_id = ANY($2::uuid[])
 """
 
-# $9: cancel (status CANCELLED, the lease ends); $10: the audit `before` (from the row lock).
-UPDATE_TASK = with_audit(
-    f"""written AS (
-    UPDATE tasks AS t
-    SET title = $3, description = $4, priority = $5, payload = $6::jsonb, required_capabilities = $7,
-        max_attempts = $8,
-        status = CASE WHEN $9 THEN 'CANCELLED' ELSE t.status END,
-        lease_expire_time = CASE WHEN $9 THEN NULL ELSE t.lease_expire_time END,
-        complete_time = CASE WHEN $9 THEN now() ELSE t.complete_time END,
-        version = t.version + 1, update_time = now()
-    WHERE t.tenant_id = $1 AND t.id = $2
-    RETURNING {_WRITTEN}
-)""",
-    action="task.update",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=11,
-    before="$10::jsonb",
-)
-
 # The highest-priority, oldest PENDING task the agent can do; locked rows are skipped, so
 # concurrent claimers each get a different task without waiting.
 CLAIM_TASK = with_audit(
@@ -119,55 +87,6 @@ CLAIM_TASK = with_audit(
     entity_type=ENTITY,
     returning=COLUMNS,
     first_param=5,
-)
-
-# $3: the new lease; $4: the audit `before` (LOCK_TASK).
-RENEW_LEASE = with_audit(
-    f"""written AS (
-    UPDATE tasks AS t SET lease_expire_time = now() + $3::interval, version = t.version + 1, update_time = now()
-    WHERE t.tenant_id = $1 AND t.id = $2
-    RETURNING {_WRITTEN}
-)""",
-    action="task.renew_lease",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=5,
-    before="$4::jsonb",
-)
-
-# $3: the result; $4: the audit `before` (LOCK_TASK).
-COMPLETE_TASK = with_audit(
-    f"""written AS (
-    UPDATE tasks AS t
-    SET status = 'SUCCEEDED', result = $3::jsonb, lease_expire_time = NULL, complete_time = now(),
-        version = t.version + 1, update_time = now()
-    WHERE t.tenant_id = $1 AND t.id = $2
-    RETURNING {_WRITTEN}
-)""",
-    action="task.complete",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=5,
-    before="$4::jsonb",
-)
-
-# A retryable failure ($4) with attempts left goes back to the queue; anything else fails for good.
-# $3: the error; $5: the audit `before` (LOCK_TASK).
-FAIL_TASK = with_audit(
-    f"""written AS (
-    UPDATE tasks AS t
-    SET status = CASE WHEN $4 AND t.attempts < t.max_attempts THEN 'PENDING' ELSE 'FAILED' END,
-        error = $3, lease_expire_time = NULL,
-        complete_time = CASE WHEN $4 AND t.attempts < t.max_attempts THEN NULL ELSE now() END,
-        version = t.version + 1, update_time = now()
-    WHERE t.tenant_id = $1 AND t.id = $2
-    RETURNING {_WRITTEN}
-)""",
-    action="task.fail",
-    entity_type=ENTITY,
-    returning=COLUMNS,
-    first_param=6,
-    before="$5::jsonb",
 )
 
 # Overdue leases of one tenant: back to PENDING, or FAILED once every attempt was used.
