@@ -258,6 +258,35 @@ async def test_ttl_out_of_bounds_is_invalid(sessions_stub: Any, tenant: TenantKe
     )
 
 
+@pytest.mark.parametrize(
+    "ttl",
+    [
+        duration_pb2.Duration(seconds=100_000_000_000_000),  # past what timedelta can hold
+        duration_pb2.Duration(seconds=315_576_000_000),  # the largest valid Duration
+        duration_pb2.Duration(seconds=315_576_000_001),  # past the largest valid Duration
+        duration_pb2.Duration(seconds=2**63 - 1, nanos=999_999_999),
+        duration_pb2.Duration(seconds=-(2**63)),
+        duration_pb2.Duration(seconds=5, nanos=-1),  # mixed signs
+    ],
+    ids=["1e14s", "max-duration", "past-max", "int64-max", "int64-min", "mixed-signs"],
+)
+async def test_ttl_far_out_of_range_is_invalid_not_internal(
+    sessions_stub: Any, tenant: TenantKeys, agent_id: str, ttl: duration_pb2.Duration
+) -> None:
+    session = session_pb2.Session(agent_id=agent_id, ttl=ttl)
+    await expect_error(
+        sessions_stub.CreateSession(session_service_pb2.CreateSessionRequest(session=session), metadata=tenant.md()),
+        S.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        field="session.ttl",
+    )
+    created = await new_session(sessions_stub, tenant, agent_id)
+    patch = session_pb2.Session(id=created.id, ttl=ttl)
+    await expect_error(
+        update(sessions_stub, tenant.md(), patch, ["ttl"]), S.INVALID_ARGUMENT, "INVALID_FIELD", field="session.ttl"
+    )
+
+
 async def test_ttl_bounds_are_inclusive(sessions_stub: Any, tenant: TenantKeys, agent_id: str) -> None:
     for value in (1, 30 * 86400):
         created = await new_session(sessions_stub, tenant, agent_id, ttl=seconds(value))

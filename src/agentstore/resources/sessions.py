@@ -132,8 +132,9 @@ def session_not_found(session_id: uuid.UUID | str) -> ApiError:
 
 def ttl_of(duration: duration_pb2.Duration, field: str) -> timedelta:
     """A client's ttl, checked against 1 s .. 30 days (sub-microsecond digits are dropped)."""
-    # Negative parts are either invalid or below the minimum.
-    if duration.seconds < 0 or not 0 <= duration.nanos <= 999_999_999:
+    # Negative parts are either invalid or below the minimum; the seconds are bounded before any
+    # timedelta is made of them (one of 10^14 s would overflow).
+    if not 0 <= duration.seconds <= MAX_TTL.total_seconds() or not 0 <= duration.nanos <= 999_999_999:
         raise invalid_field(field, "must be from 1 second to 30 days")
     ttl = timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
     if not MIN_TTL <= ttl <= MAX_TTL:
