@@ -32,8 +32,8 @@ def _run(coro: object) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from agentstore.metrics import serve_metrics
-    from agentstore.server import StartupError, serve_until_signalled, start_server
+    from agentstore.errors import StartupError
+    from agentstore.server import serve_until_signalled, start_server
 
     missing = [
         name
@@ -49,15 +49,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     async def main() -> None:
         app = await start_server(settings, settings.database_url or "", settings.redis_url or "")
-        serve_metrics(settings.metrics_port)
         await serve_until_signalled(app)
 
     try:
         _run(main())
     except StartupError as exc:
-        return _fail(str(exc))
-    except OSError as exc:
-        return _fail(f"cannot reach the database: {exc.strerror or exc}", 1)
+        return _fail(str(exc), exc.exit_code)
     return 0
 
 

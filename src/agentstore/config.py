@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = True
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Host /metrics listens on; unset: the host of AGENTSTORE_LISTEN_ADDRESS.
+    metrics_host: str | None = None
 
     # Files.
     migrations_dir: Path | None = None

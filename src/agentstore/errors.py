@@ -92,3 +92,12 @@ def permission_denied(reason: str, message: str) -> ApiError:
 
 def internal() -> ApiError:
     return ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the server log for this request id")
+
+
+class StartupError(Exception):
+    """The server must not start; the message is one line for the operator. The exit code: 2 for
+    configuration (a bad URL, credentials, a port in use), 1 for a dependency that cannot be reached."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

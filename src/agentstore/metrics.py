@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from agentstore.config import Settings
 
 RPC_TOTAL = Counter("agentstore_rpc_total", "RPCs handled, by method and status code", ["method", "code"])
 RPC_SECONDS = Histogram(
@@ -14,9 +18,23 @@ RPC_SECONDS = Histogram(
 DEPENDENCY_UP = Gauge("agentstore_dependency_up", "1 while a dependency answers its probe", ["dependency"])
 
 
-def serve_metrics(port: int) -> None:
-    if port:
-        start_http_server(port)
+def host_for(settings: Settings) -> str:
+    """/metrics listens on the host of the gRPC listen address, unless AGENTSTORE_METRICS_HOST says."""
+    host = settings.metrics_host or settings.listen_address.rpartition(":")[0]
+    return host.strip("[]") or "0.0.0.0"
+
+
+def serve(port: int, host: str) -> Callable[[], None]:
+    """Serve /metrics on host:port in a thread; the function that stops it. OSError if it cannot
+    listen (the port is taken)."""
+    server, thread = start_http_server(port, addr=host)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 CACHE_HITS = Counter("agentstore_cache_hits_total", "Cache hits, by entity kind and tier", ["kind", "tier"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,16 +18,17 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from agentstore import metrics
 from agentstore.auth import Authenticator
 from agentstore.cache.entity import EntityCache
 from agentstore.cache.l2 import L2Cache
 from agentstore.config import Settings
 from agentstore.db import Database
 from agentstore.deps import Deps, Resource
+from agentstore.errors import StartupError
 from agentstore.health import DependencyHealth
 from agentstore.interceptor import ApiInterceptor, register_unwrapped
 from agentstore.jobs import cancel_and_wait, run_periodically
-from agentstore.query import PageTokenCodec
 from agentstore.redis.bus import ProcessBus
 from agentstore.redis.circuit import RedisCircuit
 from agentstore.redis.pipelined_get import PipelinedGet
@@ -49,10 +49,6 @@ RESOURCES: tuple[Resource, ...] = (
 )
 # Authenticated with the platform admin token instead of an API key.
 PLATFORM_SERVICES = frozenset({tenants.RESOURCE.service})
-
-
-class StartupError(Exception):
-    """The server must not start; the message is one line for the operator."""
 
 
 @dataclass
@@ -94,14 +90,6 @@ class App:
         await self._resources.aclose()
 
 
-def page_token_codec(settings: Settings) -> PageTokenCodec:
-    secret = settings.page_token_secret
-    if secret is None:
-        log.warning("AGENTSTORE_PAGE_TOKEN_SECRET is unset: page tokens will not survive a restart")
-        return PageTokenCodec(secrets.token_bytes(32))
-    return PageTokenCodec(secret.get_secret_value().encode())
-
-
 async def start_server(
     settings: Settings, database_url: str, redis_url: str, resources: tuple[Resource, ...] = RESOURCES
 ) -> App:
@@ -134,7 +122,7 @@ async def start_server(
             bus=bus,
             circuit=circuit,
             l2=L2Cache(redis_client, settings.cache_l2_ttl_seconds, l2_get),
-            pages=Pages(db, page_token_codec(settings)),
+            pages=Pages.for_settings(db, settings),
             authenticator=authenticator,
         )
 
@@ -175,6 +163,12 @@ async def start_server(
             raise StartupError(f"cannot listen on {settings.listen_address}")
         await server.start()
         stack.push_async_callback(server.stop, 0)
+        if settings.metrics_port:
+            host = metrics.host_for(settings)
+            try:
+                stack.callback(metrics.serve(settings.metrics_port, host))
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {host}:{settings.metrics_port}: {exc.strerror}") from None
         bus.start()
         background = [asyncio.create_task(probe.run(), name="health-probe")]
         background += [

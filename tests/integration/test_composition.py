@@ -15,8 +15,8 @@ from prometheus_client import REGISTRY
 
 from agentstore.context import current_principal
 from agentstore.deps import Add, Deps, Resource
-from agentstore.errors import invalid_argument
-from agentstore.server import RESOURCES, StartupError, start_server
+from agentstore.errors import StartupError, invalid_argument
+from agentstore.server import RESOURCES, start_server
 from agentstore.v1 import agent_pb2, agent_service_pb2
 from tests.conftest import APP_ROLE, ScratchDatabase, Servers
 from tests.integration.conftest import TenantKeys, server_settings

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
@@ -30,7 +31,7 @@ from agentstore.db.errors import (
     map_database_error,
     pool_exhausted,
 )
-from agentstore.errors import ApiError
+from agentstore.errors import ApiError, StartupError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,6 +114,13 @@ class Database:
         return self._pool
 
     async def open(self) -> None:
+        """Open the pool; StartupError (one line, never the password) when it cannot."""
+        try:
+            await self._create_pool()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            raise _unusable(exc, self._dsn) from None
+
+    async def _create_pool(self) -> None:
         s = self._settings
         self._pool = await asyncpg.create_pool(
             self._dsn,
@@ -321,3 +329,19 @@ def _mapped(exc: BaseException) -> ApiError:
 
 
 Record = Any  # asyncpg.Record has no useful static type
+
+
+def _unusable(exc: Exception, dsn: str) -> StartupError:
+    """One true line (never the password) for a pool that could not open."""
+    parts = urlsplit(dsn)
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    role = unquote(parts.username or "") or "(default role)"
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return StartupError(f"the database at {where} refused the password of role {role!r}")
+    if isinstance(exc, OSError | asyncpg.CannotConnectNowError | asyncpg.ConnectionDoesNotExistError):
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        return StartupError(f"cannot reach the database at {where}: {reason}", exit_code=1)
+    if isinstance(exc, ValueError | asyncpg.InterfaceError):
+        return StartupError("AGENTSTORE_DATABASE_URL is not a PostgreSQL URL (postgresql://user:password@host/db)")
+    # PostgreSQL's own refusal (no such role or database, ...): its message names no secret.
+    return StartupError(f"the database at {where} refused the connection: {exc}")

@@ -24,9 +24,9 @@ from agentstore.auth import Authenticator
 from agentstore.bootstrap import find_tenant, new_admin_key
 from agentstore.config import Settings
 from agentstore.dsn import replace_dsn
-from agentstore.errors import ApiError
+from agentstore.errors import ApiError, StartupError
 from agentstore.resources.tenants import create_tenant
-from agentstore.server import StartupError, serve_until_signalled, start_server
+from agentstore.server import serve_until_signalled, start_server
 
 DEV_DATABASE = "agentstore"
 DEV_ROLE = "agentstore_server"

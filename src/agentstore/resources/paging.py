@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from agentstore.config import Settings
 from agentstore.db import Database, Record
 from agentstore.query import PageTokenCodec
 from agentstore.query.listing import ListSpec, plan_list
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Pages:
@@ -19,6 +23,16 @@ class Pages:
     def __init__(self, db: Database, codec: PageTokenCodec) -> None:
         self._db = db
         self._codec = codec
+
+    @staticmethod
+    def for_settings(db: Database, settings: Settings) -> Pages:
+        """Page tokens signed with AGENTSTORE_PAGE_TOKEN_SECRET (or, unset, a random secret of this
+        process: then tokens do not survive a restart, nor work on another replica)."""
+        secret = settings.page_token_secret
+        if secret is None:
+            log.warning("AGENTSTORE_PAGE_TOKEN_SECRET is unset: page tokens will not survive a restart")
+            return Pages(db, PageTokenCodec(secrets.token_bytes(32)))
+        return Pages(db, PageTokenCodec(secret.get_secret_value().encode()))
 
     async def fetch(
         self,
