@@ -75,7 +75,9 @@ def parse_api_key(token: str) -> ParsedKey | None:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError):
         return None
-    if len(raw) != _RAW_LEN:
+    # Exactly one spelling per key: base64 decoding also takes junk characters, padding and other
+    # final characters, and every such spelling would miss the key cache (a database lookup each).
+    if len(raw) != _RAW_LEN or base64.urlsafe_b64encode(raw).decode().rstrip("=") != body:
         return None
     return ParsedKey(uuid.UUID(bytes=raw[:16]), uuid.UUID(bytes=raw[16:32]), hashlib.sha256(raw[32:]).digest())
 
