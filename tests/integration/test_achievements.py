@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -20,6 +20,7 @@ from agentstore.resources.achievements import award_for_completion
 from agentstore.resources.leaderboard import leaderboard
 from agentstore.server import App, start_server
 from agentstore.v1 import (
+    achievement_pb2,
     achievement_service_pb2,
     achievement_service_pb2_grpc,
     agent_service_pb2,
@@ -108,9 +109,23 @@ async def audit_rows(channel: grpc.aio.Channel, tenant: TenantKeys, entity_id: s
 # --- AwardAchievement -------------------------------------------------------------------------
 
 
+async def held_task(channel: grpc.aio.Channel, md: Metadata, agent_id: str) -> str:
+    """A new task, claimed by the agent (so that it is the agent's), and its id."""
+    tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+    created = await tasks.CreateTask(
+        task_service_pb2.CreateTaskRequest(task=task_pb2.Task(title="earns an award", priority=10**6)), metadata=md
+    )
+    claimed = await tasks.ClaimTask(
+        task_service_pb2.ClaimTaskRequest(agent_id=agent_id, lease_duration=duration_pb2.Duration(seconds=60)),
+        metadata=md,
+    )
+    assert claimed.task.id == created.id
+    return created.id
+
+
 async def test_award_then_repeat_returns_the_same_award(stub, agents_stub, channel, tenant: TenantKeys) -> None:
     agent = await create_agent(agents_stub, tenant.md())
-    task_id = str(uuid.uuid4())
+    task_id = await held_task(channel, tenant.md(), agent.id)
     first = await award(stub, tenant.md(), agent.id, "first_task", task_id)
     assert (first.agent_id, first.code, first.task_id, first.points) == (agent.id, "first_task", task_id, 10)
     assert first.title == "First task" and first.HasField("award_time")
@@ -126,7 +141,7 @@ async def test_award_then_repeat_returns_the_same_award(stub, agents_stub, chann
     untied = await award(stub, tenant.md(), agent.id, "first_task")
     assert untied.task_id == "" and untied.id != first.id
     assert await award(stub, tenant.md(), agent.id, "first_task") == untied
-    other = await award(stub, tenant.md(), agent.id, "first_task", str(uuid.uuid4()))
+    other = await award(stub, tenant.md(), agent.id, "first_task", await held_task(channel, tenant.md(), agent.id))
     assert other.id not in (first.id, untied.id)
 
     listed = await stub.ListAchievements(
@@ -134,6 +149,29 @@ async def test_award_then_repeat_returns_the_same_award(stub, agents_stub, chann
     )
     assert [a.id for a in listed.achievements] == [other.id, untied.id, first.id]  # newest first
     assert (await board(stub, tenant.md("reader"))).entries[0].score == 30
+
+
+async def test_award_for_a_task_needs_a_task_of_the_agent(
+    stub, agents_stub, channel, tenant: TenantKeys, new_tenant: TenantFactory
+) -> None:
+    agent = await create_agent(agents_stub, tenant.md())
+    someone_else = await create_agent(agents_stub, tenant.md())
+    others = await held_task(channel, tenant.md(), someone_else.id)
+    await expect_error(
+        award(stub, tenant.md(), agent.id, "first_task", others), S.FAILED_PRECONDITION, "TASK_NOT_OF_AGENT"
+    )
+    await expect_error(
+        award(stub, tenant.md(), agent.id, "first_task", str(uuid.uuid4())), S.NOT_FOUND, "TASK_NOT_FOUND"
+    )
+    # Another tenant's task is invisible, even to an agent that holds it there.
+    stranger = await new_tenant("stranger")
+    strangers_agent = await create_agent(agents_stub, stranger.md())
+    strangers_task = await held_task(channel, stranger.md(), strangers_agent.id)
+    await expect_error(award(stub, tenant.md(), agent.id, "first_task", strangers_task), S.NOT_FOUND, "TASK_NOT_FOUND")
+    rows = await stub.ListAchievements(
+        achievement_service_pb2.ListAchievementsRequest(agent_id=agent.id), metadata=tenant.md()
+    )
+    assert list(rows.achievements) == []
 
 
 async def test_award_errors(stub, agents_stub, tenant: TenantKeys, new_tenant: TenantFactory) -> None:
@@ -158,9 +196,12 @@ async def test_award_errors(stub, agents_stub, tenant: TenantKeys, new_tenant: T
     await expect_error(board(stub, tenant.md(), around="x"), S.INVALID_ARGUMENT, "INVALID_ID")
 
 
-async def test_list_pages_and_tokens_are_bound_to_the_agent(stub, agents_stub, tenant: TenantKeys) -> None:
+async def test_list_pages_and_tokens_are_bound_to_the_agent(stub, agents_stub, channel, tenant: TenantKeys) -> None:
     agent = await create_agent(agents_stub, tenant.md())
-    made = [await award(stub, tenant.md(), agent.id, "first_task", str(uuid.uuid4())) for _ in range(5)]
+    made = [
+        await award(stub, tenant.md(), agent.id, "first_task", await held_task(channel, tenant.md(), agent.id))
+        for _ in range(5)
+    ]
     seen: list[str] = []
     token = ""
     while True:
@@ -245,23 +286,24 @@ async def test_leaderboard_is_rebuilt_after_redis_loses_it(
 
 
 async def test_leaderboard_equals_sql_after_concurrent_awards(
-    stub, agents_stub, app: App, database, redis_client, tenant: TenantKeys
+    stub, agents_stub, channel, app: App, database, redis_client, tenant: TenantKeys
 ) -> None:
     agents = [await create_agent(agents_stub, tenant.md()) for _ in range(6)]
-    tasks = [str(uuid.uuid4()) for _ in range(10)]
+    # Awards for a task need a task the agent claimed: four each.
+    held = {a.id: [await held_task(channel, tenant.md(), a.id) for _ in range(4)] for a in agents}
     rng = random.Random(7)
-    calls = [
-        award(stub, tenant.md(), rng.choice(agents).id, rng.choice(list(POINTS)), rng.choice([*tasks, ""]))
-        for _ in range(50)
-    ]
+
+    def any_award() -> Awaitable[achievement_pb2.Achievement]:
+        agent_id = rng.choice(agents).id
+        return award(stub, tenant.md(), agent_id, rng.choice(list(POINTS)), rng.choice([*held[agent_id], ""]))
+
+    calls = [any_award() for _ in range(50)]
     await asyncio.gather(*calls)
     assert entries((await board(stub, tenant.md())).entries) == await sql_board(database, tenant)
 
     # Again, with the board dropped first so rebuilds race the awards.
     await drop_boards(redis_client, app, tenant)
-    calls = [
-        award(stub, tenant.md(), rng.choice(agents).id, rng.choice(list(POINTS)), str(uuid.uuid4())) for _ in range(50)
-    ]
+    calls = [any_award() for _ in range(50)]
     reads = [board(stub, tenant.md()) for _ in range(10)]
     await asyncio.gather(*calls, *reads)
     assert entries((await board(stub, tenant.md())).entries) == await sql_board(database, tenant)

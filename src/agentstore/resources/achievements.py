@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import grpc
 
 from agentstore.cache.entity import EntityCache
 from agentstore.context import Principal, current_principal
 from agentstore.db import Database, Record
 from agentstore.deps import Add, Deps, Resource
-from agentstore.errors import invalid_argument, invalid_field
+from agentstore.errors import ApiError, FieldViolation, invalid_argument, invalid_field, not_found
 from agentstore.query import FieldKind, FieldSpec
 from agentstore.query.listing import ID_KEY, ListSpec, sort_keys
 from agentstore.resources.agents import agent_cache, agent_not_found, lock_agents
@@ -54,6 +55,9 @@ ORDER BY r.code
 """
 AWARD_FOR_COMPLETION = _AWARD.format(rules="r.completed_tasks = $4", columns=COLUMNS)
 AWARD_BY_CODE = _AWARD.format(rules="r.code = $4", columns=COLUMNS)
+
+# Whose the task is: an award for a task must name one the agent holds or held.
+TASK_HOLDER = "SELECT assigned_agent_id FROM tasks WHERE tenant_id = $1 AND id = $2"
 
 GET_AWARD = f"""
 SELECT {COLUMNS} FROM achievements a JOIN achievement_rules r ON r.code = a.code
@@ -115,6 +119,20 @@ async def award_for_completion(
     return rows
 
 
+async def _check_task_of(con: asyncpg.Connection, tenant: uuid.UUID, agent_id: uuid.UUID, task_id: uuid.UUID) -> None:
+    """NOT_FOUND unless the tenant has the task; FAILED_PRECONDITION unless the agent holds or held it."""
+    holder = await con.fetchrow(TASK_HOLDER, tenant, task_id)
+    if holder is None:
+        raise not_found("TASK_NOT_FOUND", f"no task {task_id}")
+    if holder["assigned_agent_id"] != agent_id:
+        raise ApiError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "TASK_NOT_OF_AGENT",
+            f"task {task_id} was never claimed by agent {agent_id}",
+            (FieldViolation("task_id", "not a task this agent claimed"),),
+        )
+
+
 class AchievementService(achievement_service_pb2_grpc.AchievementServiceServicer):
     def __init__(self, db: Database, pages: Pages, board: Leaderboard, agents: EntityCache) -> None:
         self._db = db
@@ -135,6 +153,8 @@ class AchievementService(achievement_service_pb2_grpc.AchievementServiceServicer
             # Serializes awards to the agent (see the module docstring).
             if not await lock_agents(con, tenant, [agent_id]):
                 raise agent_not_found(agent_id)
+            if task_id is not None:
+                await _check_task_of(con, tenant, agent_id, task_id)
             rows = await con.fetch(AWARD_BY_CODE, tenant, agent_id, task_id, request.code)
             if rows:
                 await _audit_awards(con, principal, tenant, rows)

@@ -33,7 +33,9 @@ class AwardAchievementRequest(_message.Message):
     code: _builtins.str
     """Required. The achievement rule's code, e.g. "first_task"."""
     task_id: _builtins.str
-    """Optional. The UUID of the task that earned the award."""
+    """Optional. The UUID of the task that earned the award: a task of the tenant
+    that the agent holds or held (claimed).
+    """
     def __init__(
         self,
         *,

@@ -104,7 +104,10 @@ class AchievementServiceServicer:
         `task_id` is not a UUID, (INVALID_FIELD) if `code` is empty or too long,
         and (ACHIEVEMENT_UNKNOWN, with a field violation on `code`) if no
         achievement rule has that code; NOT_FOUND (AGENT_NOT_FOUND) if the tenant
-        has no agent with that id.
+        has no agent with that id, and (TASK_NOT_FOUND) if a `task_id` is given
+        and the tenant has no such task; FAILED_PRECONDITION (TASK_NOT_OF_AGENT,
+        with a field violation on `task_id`) if the task was never claimed by the
+        agent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,10 @@ class AchievementServiceStub:
     `task_id` is not a UUID, (INVALID_FIELD) if `code` is empty or too long,
     and (ACHIEVEMENT_UNKNOWN, with a field violation on `code`) if no
     achievement rule has that code; NOT_FOUND (AGENT_NOT_FOUND) if the tenant
-    has no agent with that id.
+    has no agent with that id, and (TASK_NOT_FOUND) if a `task_id` is given
+    and the tenant has no such task; FAILED_PRECONDITION (TASK_NOT_OF_AGENT,
+    with a field violation on `task_id`) if the task was never claimed by the
+    agent.
     """
     ListAchievements: _grpc.UnaryUnaryMultiCallable[_achievement_service_pb2.ListAchievementsRequest, _achievement_service_pb2.ListAchievementsResponse]
     """Lists achievements, newest first (by award_time, ties by id), one page at
@@ -118,7 +121,10 @@ class AchievementServiceAsyncStub(AchievementServiceStub):
     `task_id` is not a UUID, (INVALID_FIELD) if `code` is empty or too long,
     and (ACHIEVEMENT_UNKNOWN, with a field violation on `code`) if no
     achievement rule has that code; NOT_FOUND (AGENT_NOT_FOUND) if the tenant
-    has no agent with that id.
+    has no agent with that id, and (TASK_NOT_FOUND) if a `task_id` is given
+    and the tenant has no such task; FAILED_PRECONDITION (TASK_NOT_OF_AGENT,
+    with a field violation on `task_id`) if the task was never claimed by the
+    agent.
     """
     ListAchievements: _aio.UnaryUnaryMultiCallable[_achievement_service_pb2.ListAchievementsRequest, _achievement_service_pb2.ListAchievementsResponse]  # type: ignore[assignment]
     """Lists achievements, newest first (by award_time, ties by id), one page at
@@ -176,7 +182,10 @@ class AchievementServiceServicer(metaclass=_abc_1.ABCMeta):
         `task_id` is not a UUID, (INVALID_FIELD) if `code` is empty or too long,
         and (ACHIEVEMENT_UNKNOWN, with a field violation on `code`) if no
         achievement rule has that code; NOT_FOUND (AGENT_NOT_FOUND) if the tenant
-        has no agent with that id.
+        has no agent with that id, and (TASK_NOT_FOUND) if a `task_id` is given
+        and the tenant has no such task; FAILED_PRECONDITION (TASK_NOT_OF_AGENT,
+        with a field violation on `task_id`) if the task was never claimed by the
+        agent.
         """
 
     @_abc_1.abstractmethod
