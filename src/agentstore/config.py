@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     listen_address: str = "0.0.0.0:50051"
     reflection_enabled: bool = True
     max_receive_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # The largest request of any RPC but the batches (which take up to max_receive_message_bytes):
+    # bigger ones are refused before they are parsed (RESOURCE_EXHAUSTED, REQUEST_TOO_LARGE).
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_send_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     health_probe_interval_seconds: PositiveFloat = 2.0

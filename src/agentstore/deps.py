@@ -51,16 +51,16 @@ class Resource:
     register: Callable[[Add, Deps], None]
     # What must answer for grpc.health.v1 to report this service SERVING.
     dependencies: tuple[str, ...] = (POSTGRES,)
+    # RPCs whose requests may be as large as AGENTSTORE_MAX_RECEIVE_MESSAGE_BYTES (batches); every
+    # other one takes at most AGENTSTORE_MAX_REQUEST_BYTES.
+    large_requests: tuple[str, ...] = ()
+    # Authenticated with the platform admin token instead of an API key (TenantService).
+    platform: bool = False
 
     @staticmethod
-    def of(
-        module: ModuleType,
-        name: str,
-        register: Callable[[Add, Deps], None],
-        dependencies: tuple[str, ...] = (POSTGRES,),
-    ) -> Resource:
+    def of(module: ModuleType, name: str, register: Callable[[Add, Deps], None], **options: Any) -> Resource:
         """The resource of service `name`, declared in the generated `module` (…_service_pb2)."""
-        return Resource(module.DESCRIPTOR.services_by_name[name].full_name, register, dependencies)
+        return Resource(module.DESCRIPTOR.services_by_name[name].full_name, register, **options)
 
 
 @dataclass

@@ -39,24 +39,42 @@ StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], Any]  # an async iter
 AddToServer = Callable[[Any, Any], None]
 
 
-class _Malformed:
-    """Stands in for a request whose bytes did not parse, so the RPC answers INVALID_ARGUMENT."""
+class _Unparsed:
+    """Stands in for a request that was not parsed: its bytes did not parse (the RPC answers
+    INVALID_ARGUMENT MALFORMED_REQUEST), or there were too many of them (RESOURCE_EXHAUSTED)."""
 
 
-MALFORMED = _Malformed()
+MALFORMED = _Unparsed()
+TOO_LARGE = _Unparsed()
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _tolerant(deserializer: Callable[[bytes], Any] | None, limit: int | None = None) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
     def parse(data: bytes) -> Any:
+        # Refused before parsing: parsing is work on the event loop that every other RPC waits for.
+        if limit is not None and len(data) > limit:
+            return TOO_LARGE
         try:
             return deserializer(data)
         except Exception:
             return MALFORMED
 
     return parse
+
+
+def _refused(request: Any, limit: int | None) -> ApiError | None:
+    """The error of a request that was not parsed, else None."""
+    if request is MALFORMED:
+        return invalid_argument("MALFORMED_REQUEST", "the request message could not be parsed")
+    if request is TOO_LARGE:
+        return ApiError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "REQUEST_TOO_LARGE",
+            f"the request is larger than this RPC accepts ({limit} bytes)",
+        )
+    return None
 
 
 def _bytes_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
@@ -104,9 +122,21 @@ def _log_access(
 
 
 class ApiInterceptor:
-    def __init__(self, authenticator: Authenticator, *, access_log: bool, platform_services: frozenset[str]) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        *,
+        access_log: bool,
+        platform_services: frozenset[str],
+        max_request_bytes: int,
+        large_requests: frozenset[str] = frozenset(),
+    ) -> None:
         self._auth = authenticator
         self._access_log = access_log
+        # Each RPC parses at most max_request_bytes; those named in `large_requests` (batches) up
+        # to the server's receive limit. Bytes over it are never parsed.
+        self._max_request_bytes = max_request_bytes
+        self._large_requests = large_requests
         # Services authenticated with the platform admin token instead of an API key.
         self._platform = platform_services
 
@@ -124,10 +154,11 @@ class ApiInterceptor:
 
     def _wrap_handler(self, method: str, service: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         platform = service in self._platform
+        limit = None if method.rpartition("/")[2] in self._large_requests else self._max_request_bytes
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, platform, handler.unary_unary),
-                request_deserializer=_tolerant(handler.request_deserializer),
+                self._wrap(method, platform, handler.unary_unary, limit),
+                request_deserializer=_tolerant(handler.request_deserializer, limit),
                 response_serializer=_bytes_or(handler.response_serializer),
             )
         if handler.unary_stream is not None:
@@ -140,13 +171,13 @@ class ApiInterceptor:
                 await _stream_to(context, stream(request, context))
 
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap(method, platform, streamed),
-                request_deserializer=_tolerant(handler.request_deserializer),
+                self._wrap(method, platform, streamed, limit),
+                request_deserializer=_tolerant(handler.request_deserializer, limit),
                 response_serializer=_bytes_or(handler.response_serializer),
             )
         raise TypeError(f"{method}: client-streaming RPCs are not supported")
 
-    def _wrap(self, method: str, platform: bool, behavior: UnaryBehavior) -> UnaryBehavior:
+    def _wrap(self, method: str, platform: bool, behavior: UnaryBehavior, limit: int | None) -> UnaryBehavior:
         rpc_name = method.rpartition("/")[2]
         auth = self._auth
         access = self._access_log
@@ -168,8 +199,8 @@ class ApiInterceptor:
             code = _OK
             reason = ""
             try:
-                if request is MALFORMED:
-                    raise invalid_argument("MALFORMED_REQUEST", "the request message could not be parsed")
+                if type(request) is _Unparsed:
+                    raise _refused(request, limit)  # type: ignore[misc]
                 if platform:
                     ctx.principal = auth.authenticate_platform(md.get("authorization"))
                 else:
@@ -224,38 +255,38 @@ async def _stream_to(context: grpc.aio.ServicerContext, responses: Any) -> None:
         await responses
 
 
-def register_unwrapped(server: grpc.aio.Server, add_to_server: AddToServer, servicer: Any) -> None:
+def register_unwrapped(server: grpc.aio.Server, add_to_server: AddToServer, servicer: Any, limit: int) -> None:
     """Register a service without auth (health, reflection): generic handlers only (see
     ApiInterceptor.register), with requests that do not parse answered INVALID_ARGUMENT."""
     capture = _Registration()
     add_to_server(servicer, capture)
-    handlers = {name: _tolerate_malformed(h) for name, h in capture.handlers.items()}
+    handlers = {name: _tolerate_malformed(h, limit) for name, h in capture.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
 
 
-def _tolerate_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    message = "the request message could not be parsed"
+def _tolerate_malformed(handler: grpc.RpcMethodHandler, limit: int) -> grpc.RpcMethodHandler:
+    message = "the request message could not be parsed, or is too large"
     if handler.unary_unary is not None:
         behavior = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if request is MALFORMED:
+            if type(request) is _Unparsed:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             return await behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary, _tolerant(handler.request_deserializer), handler.response_serializer
+            unary, _tolerant(handler.request_deserializer, limit), handler.response_serializer
         )
     if handler.unary_stream is not None:
         stream_behavior = handler.unary_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-            if request is MALFORMED:
+            if type(request) is _Unparsed:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             await _stream_to(context, stream_behavior(request, context))
 
         return grpc.unary_stream_rpc_method_handler(
-            stream, _tolerant(handler.request_deserializer), handler.response_serializer
+            stream, _tolerant(handler.request_deserializer, limit), handler.response_serializer
         )
     if handler.stream_stream is not None:  # reflection's ServerReflectionInfo
         bidi = handler.stream_stream
@@ -263,7 +294,7 @@ def _tolerate_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
         async def bidi_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async def parsed() -> AsyncIterator[Any]:
                 async for request in requests:
-                    if request is MALFORMED:
+                    if type(request) is _Unparsed:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     yield request
 
@@ -271,6 +302,6 @@ def _tolerate_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
                 yield response
 
         return grpc.stream_stream_rpc_method_handler(
-            bidi_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+            bidi_stream, _tolerant(handler.request_deserializer, limit), handler.response_serializer
         )
     return handler

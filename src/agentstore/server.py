@@ -47,8 +47,6 @@ RESOURCES: tuple[Resource, ...] = (
     achievements.RESOURCE,
     audit.RESOURCE,
 )
-# Authenticated with the platform admin token instead of an API key.
-PLATFORM_SERVICES = frozenset({tenants.RESOURCE.service})
 
 
 @dataclass
@@ -133,12 +131,19 @@ async def start_server(
                 ("grpc.so_reuseport", 0),
             ],
         )
-        interceptor = ApiInterceptor(authenticator, access_log=settings.access_log, platform_services=PLATFORM_SERVICES)
+        interceptor = ApiInterceptor(
+            authenticator,
+            access_log=settings.access_log,
+            platform_services=frozenset(r.service for r in resources if r.platform),
+            max_request_bytes=settings.max_request_bytes,
+            large_requests=frozenset(name for r in resources for name in r.large_requests),
+        )
         servicers: dict[str, Any] = {}
         for resource in resources:
             resource.register(_adder(server, interceptor, servicers), deps)
         health_servicer = health.aio.HealthServicer()
-        register_unwrapped(server, health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
+        limit = settings.max_request_bytes
+        register_unwrapped(server, health_pb2_grpc.add_HealthServicer_to_server, health_servicer, limit)
         probe = DependencyHealth(
             health_servicer,
             {r.service: r.dependencies for r in resources},
@@ -149,11 +154,8 @@ async def start_server(
         await probe.start()
         if settings.reflection_enabled:
             names = (*(r.service for r in resources), health.SERVICE_NAME, reflection.SERVICE_NAME)
-            register_unwrapped(
-                server,
-                reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
-                reflection.aio.ReflectionServicer(names),
-            )
+            reflector = reflection.aio.ReflectionServicer(names)
+            register_unwrapped(server, reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector, limit)
 
         try:
             port = server.add_insecure_port(settings.listen_address)

@@ -21,12 +21,14 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import agentstore.resources.agents  # noqa: F401  (registers agents_name_key)
 from agentstore.db import Database, map_database_error
 from agentstore.dsn import replace_dsn
 from agentstore.errors import ApiError
+from agentstore.resources import fields
 from agentstore.server import App, start_server
 from agentstore.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc, tenant_service_pb2_grpc
 from tests.conftest import APP_ROLE, Servers, create_database, create_empty_database, drop_database
@@ -240,6 +242,47 @@ async def test_message_too_large(extra_servers, tenant: TenantKeys) -> None:
             timeout=CALL_TIMEOUT,
         )
         assert small.id
+
+
+def wide_struct(keys: int) -> struct_pb2.Struct:
+    wide = struct_pb2.Struct()
+    wide.update({f"key-{i}": i for i in range(keys)})
+    return wide
+
+
+async def test_oversized_structs_are_refused_before_they_are_converted(
+    channel: grpc.aio.Channel, agents_stub, tenant: TenantKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Struct of 150,000 keys (3 MB) cost a quarter second of server CPU in MessageToDict before
+    its INVALID_ARGUMENT. Now: a request over the per-RPC limit is refused before it is parsed, and
+    a Struct over the JSON limit by its wire size, before any conversion; health keeps answering."""
+    conversions = []
+    real = fields.json_format.MessageToDict
+    monkeypatch.setattr(fields.json_format, "MessageToDict", lambda m, **kw: conversions.append(m) or real(m, **kw))
+
+    def create(metadata: struct_pb2.Struct) -> Any:
+        agent = agent_pb2.Agent(name=unique("wide"), metadata=metadata)
+        return agents_stub.CreateAgent(
+            agent_service_pb2.CreateAgentRequest(agent=agent), metadata=tenant.md(), timeout=CALL_TIMEOUT
+        )
+
+    huge = wide_struct(150_000)
+    assert huge.ByteSize() > 2 * 1024 * 1024
+    health = health_pb2_grpc.HealthStub(channel)
+    outcomes = await asyncio.gather(
+        *(create(huge) for _ in range(9)),
+        health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT),
+        return_exceptions=True,
+    )
+    for failure in outcomes[:9]:
+        assert isinstance(failure, grpc.aio.AioRpcError)
+        info = unpack_failure(failure)
+        assert (info.code, info.info.reason) == (Code.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE")
+    assert isinstance(outcomes[9], health_pb2.HealthCheckResponse) and outcomes[9].status == SERVING
+
+    await expect_error(create(wide_struct(20_000)), Code.INVALID_ARGUMENT, "INVALID_FIELD", field="agent.metadata")
+    assert conversions == []  # neither was ever turned into a dict
+    assert (await create(wide_struct(10))).id
 
 
 # --- deadlines and statement timeouts ---------------------------------------------------------

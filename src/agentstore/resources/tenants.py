@@ -217,5 +217,4 @@ def register(add: Add, deps: Deps) -> None:
     )
 
 
-# Authenticated with the platform admin token, not an API key (server.py).
-RESOURCE = Resource.of(tenant_service_pb2, "TenantService", register)
+RESOURCE = Resource.of(tenant_service_pb2, "TenantService", register, platform=True)

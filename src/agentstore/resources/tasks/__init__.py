@@ -31,6 +31,6 @@ def register(add: Add, deps: Deps) -> None:
     deps.add_job("expired task leases swept", deps.settings.lease_sweep_interval_seconds, queue.sweep)
 
 
-RESOURCE = Resource.of(task_service_pb2, "TaskService", register)
+RESOURCE = Resource.of(task_service_pb2, "TaskService", register, large_requests=("BatchCreateTasks",))
 
 __all__ = ["RESOURCE", "TaskQueue", "TaskService", "task_cache", "task_queue"]
