@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     cache_l1_max_entries: int = Field(default=10_000, ge=0)
     cache_l1_ttl_seconds: float = Field(default=60.0, ge=0)
     cache_l2_ttl_seconds: float = Field(default=600.0, ge=0)
+    # A process trusts its cache tiers only for this long after proving it missed no invalidation;
+    # a write whose invalidation Redis did not confirm waits this long before it answers.
+    cache_lease_seconds: PositiveFloat = 1.0
+    # How often each process reads the pending cache repairs from PostgreSQL (well under the lease).
+    cache_repair_poll_seconds: PositiveFloat = 0.1
     # Every Redis command gives up after this long; the RPC then goes to PostgreSQL.
     redis_timeout_seconds: PositiveFloat = 0.05
     # Seconds between runs of the job deleting expired sessions (invisible from expire_time on); 0: off.

@@ -10,6 +10,7 @@ module, its protos, its migration and the list in server.py, and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -21,10 +22,13 @@ from agentstore.auth import Authenticator
 from agentstore.cache.entity import EntityCache
 from agentstore.cache.l1 import L1Cache
 from agentstore.cache.l2 import L2Cache
+from agentstore.cache.repairs import CacheRepairs
+from agentstore.cache.trust import CacheTrust
 from agentstore.config import Settings
 from agentstore.db import Database
 from agentstore.redis.bus import ProcessBus
 from agentstore.redis.circuit import RedisCircuit
+from agentstore.redis.pipelined_get import PipelinedGet
 from agentstore.resources.paging import Pages
 
 T = TypeVar("T")
@@ -70,6 +74,8 @@ class Deps:
     redis: aioredis.Redis
     bus: ProcessBus
     circuit: RedisCircuit
+    trust: CacheTrust
+    repairs: CacheRepairs
     l2: L2Cache
     pages: Pages
     authenticator: Authenticator
@@ -77,6 +83,39 @@ class Deps:
     caches: dict[str, EntityCache] = field(default_factory=dict)
     jobs: list[Job] = field(default_factory=list)
     _shared: dict[object, object] = field(default_factory=dict)
+
+    @staticmethod
+    async def connect(stack: contextlib.AsyncExitStack, settings: Settings, db: Database, redis_url: str) -> Deps:
+        """Everything the resources share, on an open database; what needs closing goes on `stack`."""
+        timeout = settings.redis_timeout_seconds
+        client = aioredis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        stack.push_async_callback(client.aclose)
+        # L2 reads (the GetAgent hot path) go over one pipelined connection instead of redis-py's pool.
+        l2_get = PipelinedGet.for_client(client)
+        if l2_get is not None:
+            stack.callback(l2_get.close)
+        circuit = RedisCircuit(client)
+        stack.push_async_callback(circuit.close)
+        trust = CacheTrust(settings.cache_lease_seconds)
+        bus = ProcessBus(redis_url, f"{settings.redis_key_prefix}invalidate", client, trust)
+        stack.push_async_callback(bus.close)
+        authenticator = Authenticator(db, settings)
+        authenticator.attach_bus(bus)
+        deps = Deps(
+            settings=settings,
+            db=db,
+            redis=client,
+            bus=bus,
+            circuit=circuit,
+            trust=trust,
+            repairs=CacheRepairs(db, circuit, trust, settings.redis_key_prefix),
+            l2=L2Cache(client, settings.cache_l2_ttl_seconds, l2_get),
+            pages=Pages.for_settings(db, settings),
+            authenticator=authenticator,
+        )
+        deps.add_job("cache repairs done", settings.cache_repair_poll_seconds, deps.repairs.poll)
+        deps.add_job("old cache repairs pruned", 60.0, deps.repairs.prune)
+        return deps
 
     def shared(self, factory: Callable[[Deps], T]) -> T:
         """The one instance per server of what `factory` builds."""

@@ -57,3 +57,9 @@ CACHE_ACK_TIMEOUTS = Counter(
     "agentstore_cache_ack_timeouts_total", "Writes that returned before every process acknowledged the invalidation"
 )
 JOB_FAILURES = Counter("agentstore_job_failures_total", "Failed rounds of a background job, by job", ["job"])
+CACHE_UNCONFIRMED_WRITES = Counter(
+    "agentstore_cache_unconfirmed_writes_total",
+    "Writes whose invalidation Redis did not confirm: a cache repair was recorded and the writer outlasted the"
+    " cache lease before answering",
+    ["kind"],
+)

@@ -19,9 +19,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from agentstore import metrics
-from agentstore.auth import Authenticator
 from agentstore.cache.entity import EntityCache
-from agentstore.cache.l2 import L2Cache
 from agentstore.config import Settings
 from agentstore.db import Database
 from agentstore.deps import Deps, Resource
@@ -31,9 +29,7 @@ from agentstore.interceptor import ApiInterceptor, register_unwrapped
 from agentstore.jobs import cancel_and_wait, run_periodically
 from agentstore.redis.bus import ProcessBus
 from agentstore.redis.circuit import RedisCircuit
-from agentstore.redis.pipelined_get import PipelinedGet
 from agentstore.resources import achievements, agents, audit, sessions, tasks, tenants
-from agentstore.resources.paging import Pages
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +96,8 @@ async def start_server(
         if problem is not None:
             raise StartupError(problem)
 
-        timeout = settings.redis_timeout_seconds
-        redis_client = aioredis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        stack.push_async_callback(redis_client.aclose)
-        # L2 reads (the GetAgent hot path) go over one pipelined connection instead of redis-py's pool.
-        l2_get = PipelinedGet.for_client(redis_client)
-        if l2_get is not None:
-            stack.callback(l2_get.close)
-        circuit = RedisCircuit(redis_client)
-        stack.push_async_callback(circuit.close)
-        bus = ProcessBus(redis_url, f"{settings.redis_key_prefix}invalidate", redis_client)
-        stack.push_async_callback(bus.close)
-        authenticator = Authenticator(db, settings)
-        authenticator.attach_bus(bus)
-        deps = Deps(
-            settings=settings,
-            db=db,
-            redis=redis_client,
-            bus=bus,
-            circuit=circuit,
-            l2=L2Cache(redis_client, settings.cache_l2_ttl_seconds, l2_get),
-            pages=Pages.for_settings(db, settings),
-            authenticator=authenticator,
-        )
+        deps = await Deps.connect(stack, settings, db, redis_url)
+        authenticator = deps.authenticator
 
         server = grpc.aio.server(
             options=[
@@ -148,7 +123,7 @@ async def start_server(
             health_servicer,
             {r.service: r.dependencies for r in resources},
             db,
-            circuit,
+            deps.circuit,
             settings.health_probe_interval_seconds,
         )
         await probe.start()
@@ -171,7 +146,7 @@ async def start_server(
                 stack.callback(metrics.serve(settings.metrics_port, host))
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {host}:{settings.metrics_port}: {exc.strerror}") from None
-        bus.start()
+        deps.bus.start()
         background = [asyncio.create_task(probe.run(), name="health-probe")]
         background += [
             asyncio.create_task(run_periodically(job.what, job.interval, job.run), name=job.what) for job in deps.jobs

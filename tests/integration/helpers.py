@@ -201,3 +201,13 @@ class HeldFills:
 
     def release(self) -> None:
         self._release.set()
+
+
+async def caches_trusted(*apps: Any) -> None:
+    """Until every app's invalidation bus is subscribed and its cache leases are fresh
+    (cache/trust.py): before a test counts cache hits."""
+    for _ in range(500):
+        if all(a.bus.connected and a.deps.trust.l1() and a.deps.trust.l2() for a in apps):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the caches never became trusted")

@@ -31,7 +31,7 @@ from agentstore.v1 import (
 )
 from tests.conftest import ScratchDatabase, Servers
 from tests.integration import conftest as itc
-from tests.integration.helpers import HeldFills, Metadata, create_agent, expect_error, unique
+from tests.integration.helpers import HeldFills, Metadata, caches_trusted, create_agent, expect_error, unique
 
 NO_CACHE = (("cache-control", "no-cache"),)
 
@@ -61,6 +61,7 @@ async def get(stub: agent_service_pb2_grpc.AgentServiceStub, md: Metadata, agent
 
 async def test_get_after_write_is_served_from_l1(agents_stub, app: App, tenant) -> None:
     created = await create_agent(agents_stub, tenant.md())
+    await caches_trusted(app)
     hits_before = counter("agentstore_cache_hits_total", kind="agent", tier="l1")
     got = await get(agents_stub, tenant.md("reader"), created.id)
     assert got == created
@@ -73,6 +74,7 @@ async def test_l2_hit_when_l1_lacks_the_key(agents_stub, app: App, tenant) -> No
     created = await create_agent(agents_stub, tenant.md())
     key = (uuid.UUID(tenant.tenant.id), uuid.UUID(created.id))
     app.caches["agent"]._l1.drop(key)
+    await caches_trusted(app)
     l2_hits = counter("agentstore_cache_hits_total", kind="agent", tier="l2")
     assert await get(agents_stub, tenant.md(), created.id) == created
     assert counter("agentstore_cache_hits_total", kind="agent", tier="l2") == l2_hits + 1
@@ -155,11 +157,7 @@ async def second_app(servers: Servers, database: ScratchDatabase, redis_prefix: 
 
 
 async def _wait_subscribed(*apps: App) -> None:
-    for _ in range(200):
-        if all(a.bus.connected for a in apps):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("invalidation bus did not subscribe")
+    await caches_trusted(*apps)
 
 
 @pytest.mark.parametrize("l2_enabled", [True, False], ids=["l1+l2", "l1-only"])
@@ -412,6 +410,7 @@ async def test_get_task_is_served_from_l1_after_a_write(app: App, channel, tenan
     task = await stub.CreateTask(task_service_pb2.CreateTaskRequest(task=task_pb2.Task(title="cached")), metadata=md)
     first = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id), metadata=md)  # load and fill
     loads = counter("agentstore_db_loads_total", kind="task")
+    await caches_trusted(app)
     hits = counter("agentstore_cache_hits_total", kind="task", tier="l1")
     assert await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id), metadata=md) == first
     assert counter("agentstore_cache_hits_total", kind="task", tier="l1") == hits + 1

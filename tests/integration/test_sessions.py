@@ -27,7 +27,7 @@ from agentstore.devtools.embedded import free_port
 from agentstore.server import App, start_server
 from agentstore.v1 import agent_service_pb2_grpc, session_pb2, session_service_pb2, session_service_pb2_grpc
 from tests.integration.conftest import TenantKeys, server_settings
-from tests.integration.helpers import HeldFills, Metadata, create_agent, expect_error
+from tests.integration.helpers import HeldFills, Metadata, caches_trusted, create_agent, expect_error
 from tests.integration.test_cache import _serve, _stop, _wait_serving
 
 if TYPE_CHECKING:
@@ -112,11 +112,7 @@ def version_of(session: session_pb2.Session) -> int:
 
 
 async def wait_subscribed(app: App) -> None:
-    for _ in range(200):
-        if app.bus.connected:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("invalidation bus did not subscribe")
+    await caches_trusted(app)
 
 
 async def new_session(stub: Any, tenant: TenantKeys, agent_id: str, **fields: Any) -> session_pb2.Session:

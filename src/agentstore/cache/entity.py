@@ -30,6 +30,8 @@ from typing import Any
 from agentstore import metrics
 from agentstore.cache.l1 import Key, L1Cache
 from agentstore.cache.l2 import L2Cache
+from agentstore.cache.repairs import CacheRepairs, Repair, RepairHandler
+from agentstore.cache.trust import CacheTrust
 from agentstore.context import cache_bypassed
 from agentstore.db.coalesce import PointReads
 from agentstore.flight import Flight
@@ -61,6 +63,8 @@ class EntityCache:
         l2: L2Cache,
         bus: ProcessBus,
         circuit: RedisCircuit,
+        repairs: CacheRepairs,
+        trust: CacheTrust,
         key_prefix: str,
         load_many: LoadMany,
         encode: Encode,
@@ -79,15 +83,15 @@ class EntityCache:
         self._l2 = l2
         self._bus = bus
         self._circuit = circuit
+        self._repairs = repairs
+        self._trust = trust
         self._prefix = f"{key_prefix}c:{kind}:"
         # Flights by L2 key: a str hashes in C, a pair of UUIDs in Python (twice per dict operation).
         self._inflight: dict[str, Flight[Loaded]] = {}
-        # L2 keys whose post-commit write failed: until they are deleted, this process skips L2.
-        self._unflushed: set[str] = set()
         # Test hook: awaited between a database read and the cache fill (forces the stale-set race).
         self.before_fill: Callable[[Key], Awaitable[None]] | None = None
         bus.subscribe(kind, Subscriber(on_message=self._on_invalidation, on_resync=l1.clear))
-        circuit.on_recovery.append(self._flush_unflushed)
+        repairs.handle(kind, RepairHandler(local=self._repaired_locally, redis=self._repair_l2, forget_all=l1.clear))
         self._hits_l1 = metrics.CACHE_HITS.labels(kind, "l1")
         self._hits_l2 = metrics.CACHE_HITS.labels(kind, "l2")
         self._misses_l1 = metrics.CACHE_MISSES.labels(kind, "l1")
@@ -97,12 +101,12 @@ class EntityCache:
         return f"{self._prefix}{key[0]}:{key[1]}"
 
     def _l1_usable(self) -> bool:
-        # No drain here: a writer returns only after this process acknowledged its invalidation,
-        # which the bus applies as soon as the event loop sees it.
-        return self._l1.enabled and self._bus.connected
+        # Only under the leases of cache/trust.py: a writer that could not confirm its
+        # invalidation outlasts them before it answers.
+        return self._l1.enabled and time.monotonic() < self._trust.l1_until
 
     def _l2_usable(self) -> bool:
-        return self._l2.enabled and self._circuit.available and not self._unflushed
+        return self._l2.enabled and self._circuit.available and time.monotonic() < self._trust.l2_until
 
     def _live(self, payload: bytes) -> bool:
         """Whether cached bytes may still be served (always, without `expires`)."""
@@ -309,27 +313,62 @@ class EntityCache:
             self._l1.put_if_newer(key, version, payload)
         else:
             self._l1.invalidate(key, version)
+        repair = Repair(self.kind, key[0], key[1], version)
         if not self._circuit.available:
-            self._unflushed.add(l2_key)
+            await self._unconfirmed(repair if self._l2.enabled else None)
             return
-        if not self._l2.enabled:
-            if not await self._bus.publish(self.kind, f"{key[0]}:{key[1]}:{version}"):
-                self._circuit.failed(ConnectionError("invalidation not published"))
-            return
-        expire_at_ms = self._expire_at_ms(payload, expires_us)
         sequence, message = self._bus.envelope(self.kind, f"{key[0]}:{key[1]}:{version}")
         try:
-            _, receivers = await self._l2.set_if_newer(
-                l2_key, version, payload, channel=self._bus.channel, message=message, expire_at_ms=expire_at_ms
-            )
+            if self._l2.enabled:
+                _, receivers = await self._l2.set_if_newer(
+                    l2_key,
+                    version,
+                    payload,
+                    channel=self._bus.channel,
+                    message=message,
+                    expire_at_ms=self._expire_at_ms(payload, expires_us),
+                )
+            else:
+                receivers = await self._bus.publish_envelope(message)
         except REDIS_ERRORS as exc:
             self._bus.forget(sequence)
-            self._unflushed.add(l2_key)
             self._circuit.failed(exc)
+            await self._unconfirmed(repair if self._l2.enabled else None)
             return
+        published = time.monotonic()
         metrics.CACHE_INVALIDATIONS_SENT.inc()
-        # Read-your-writes in every process: return only once they all dropped the old version.
-        await self._bus.acknowledged(sequence, receivers)
+        # Read-your-writes in every process: return only once they all dropped the old version,
+        # or could no longer trust it. A process that has not acknowledged renews its L1 lease only
+        # from PINGs Redis answers after the invalidation, which it applies first: so its lease on
+        # the old version ends at most a lease after the publish.
+        if not await self._bus.acknowledged(sequence, receivers):
+            metrics.CACHE_UNCONFIRMED_WRITES.labels(self.kind).inc()
+            await self._trust.outlast(since=published)
+
+    async def _unconfirmed(self, repair: Repair | None) -> None:
+        """The invalidation may not have reached every process (and L2 may hold the old version):
+        record the repair in PostgreSQL, then outlast every process's cache lease (cache/trust.py)."""
+        metrics.CACHE_UNCONFIRMED_WRITES.labels(self.kind).inc()
+        if repair is not None:
+            await self._repairs.record(repair)
+        await self._trust.outlast()
+
+    def _repaired_locally(self, repairs: Sequence[Repair]) -> None:
+        for repair in repairs:
+            if repair.entity_id is not None and repair.version is not None:
+                key = (repair.tenant_id, repair.entity_id)
+                self._l1.invalidate(key, repair.version)
+                self._inflight.pop(self.l2_key(key), None)
+
+    async def _repair_l2(self, repairs: Sequence[Repair]) -> None:
+        """A tombstone at each repair's version: older copies are refused, and it reads as a miss."""
+        entries = [
+            (self.l2_key((r.tenant_id, r.entity_id)), r.version, None, None)
+            for r in repairs
+            if r.entity_id is not None and r.version is not None
+        ]
+        if entries and self._l2.enabled:
+            await self._l2.set_many_if_newer(entries)
 
     async def forget(self, key: Key) -> None:
         """Drop a key from this process's L1 and from L2 (a cold read follows)."""
@@ -354,10 +393,3 @@ class EntityCache:
             self._inflight.pop(self.l2_key(parsed), None)
         except ValueError:
             log.warning("malformed invalidation ignored", extra={"kind": self.kind})
-
-    async def _flush_unflushed(self) -> None:
-        """Before L2 is trusted again, delete what may have missed a post-commit write."""
-        if self._unflushed:
-            keys = list(self._unflushed)
-            await self._l2.delete(keys)
-            self._unflushed.difference_update(keys)

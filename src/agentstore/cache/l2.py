@@ -1,9 +1,10 @@
 """L2: Redis, shared by every server process. Values are `<version>:<wire bytes>`, or
-`<version>!` for a deleted entity (a tombstone), written only if newer than what is there."""
+`<version>!` (a tombstone: a deleted entity, or a cache repair), written only if newer than what
+is there. A tombstone reads as a miss and refuses every older version."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -18,7 +19,11 @@ local current = redis.call('GET', KEYS[1])
 local applied = 0
 if current then
   local v = tonumber(string.match(current, '^(%d+)'))
-  if v == nil or v < tonumber(ARGV[1]) then
+  local new = tonumber(ARGV[1])
+  -- A copy of the very version a tombstone names may replace it: a repair's tombstone (cache
+  -- repairs) then reads as a miss that the next fill of that version heals. No real row has the
+  -- version of a delete's tombstone (the deleted version + 1; ids are never reused).
+  if v == nil or v < new or (v == new and string.match(current, '^%d+!') and string.match(ARGV[2], '^%d+:')) then
     redis.call('SET', KEYS[1], ARGV[2], ARGV[6], ARGV[3])
     applied = 1
   end
@@ -98,7 +103,7 @@ class L2Cache:
         )
         return bool(applied), int(receivers)
 
-    async def set_many_if_newer(self, entries: list[tuple[str, int, bytes, int | None]]) -> list[bool]:
+    async def set_many_if_newer(self, entries: Sequence[tuple[str, int, bytes | None, int | None]]) -> list[bool]:
         """set_if_newer for each (key, version, payload, expire_at_ms), in one round trip
         (a pipeline, not a transaction: each entry is its own set-if-newer)."""
         if len(entries) == 1:

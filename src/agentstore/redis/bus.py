@@ -9,8 +9,9 @@ Redis delivers a published message to subscribers asynchronously: under CPU cont
 publisher's reply can arrive milliseconds before a subscriber's copy (measured here: up to 5 ms).
 So a writer does not return until every other subscribed process has acknowledged the
 invalidation (each process has its own ack channel); only then is "update via A, then Get via B"
-guaranteed to see the new version. A process that does not acknowledge within the ack timeout is
-logged and counted, and the write returns anyway: its staleness is bounded by that timeout.
+guaranteed to see the new version. When a process does not acknowledge within the ack timeout
+(logged and counted), the writer waits one cache lease before it answers (cache/trust.py): by
+then the silent process has applied the invalidation or stopped trusting its L1.
 
 The subscription is a plain non-blocking socket parsed with hiredis rather than redis-py's
 PubSub: the event loop calls `drain()` as soon as bytes arrive, and it applies every complete
@@ -18,7 +19,9 @@ message in one pass with no task switches, then acknowledges.
 
 While the subscription is down, messages are lost: `connected` is False, L1 must not be used,
 and every (re)subscribe calls `on_resync` so caches drop what could have missed a message. A PING
-every second detects a connection that hangs without closing.
+every 100 ms renews the L1 lease when it is answered (everything published before it was applied
+first: one socket, in order), so a subscription that hangs without closing (a frozen Redis) stops
+L1 within a lease; one unanswered for 3 s is dropped and made again.
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ import redis.asyncio as aioredis
 from redis.connection import parse_url
 
 from agentstore import metrics
+from agentstore.cache.trust import CacheTrust
 from agentstore.jobs import cancel_and_wait
 from agentstore.redis.errors import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
-_PING_INTERVAL = 1.0
+# The subscription is PINGed this often; each answered PING renews this process's L1 lease
+# (cache/trust.py). A subscription silent for _DEAD_AFTER is dropped and made again.
+_PING_INTERVAL = 0.1
 _DEAD_AFTER = 3.0
 
 
@@ -75,9 +81,11 @@ class ProcessBus:
         redis_url: str,
         channel: str,
         publisher: aioredis.Redis,
+        trust: CacheTrust,
         ack_timeout: float = 0.25,
         connect_timeout: float = 1.0,
     ) -> None:
+        self._trust = trust
         self._params: dict[str, Any] = parse_url(redis_url)  # type: ignore[no-untyped-call]
         self._publisher = publisher
         self._channel = channel
@@ -143,13 +151,17 @@ class ProcessBus:
         """Publish and wait for the acknowledgements; False when Redis could not be reached."""
         sequence, message = self.envelope(kind, key)
         try:
-            receivers = await self._publisher.publish(self._channel, message)
+            receivers = await self.publish_envelope(message)
         except REDIS_ERRORS as exc:
             self.forget(sequence)
             log.warning("invalidation not published", extra={"kind": kind, "error": type(exc).__name__})
             return False
         metrics.CACHE_INVALIDATIONS_SENT.inc()
-        return await self.acknowledged(sequence, int(receivers))
+        return await self.acknowledged(sequence, receivers)
+
+    async def publish_envelope(self, message: str) -> int:
+        """Publish a message made by `envelope`; how many subscribers received it."""
+        return int(await self._publisher.publish(self._channel, message))
 
     async def notify(self, kind: str, key: str) -> bool:
         """Publish without waiting for acknowledgements (a hint, e.g. "a task is ready")."""
@@ -203,6 +215,12 @@ class ProcessBus:
                     self._on_ack(item[2])
                 else:
                     self._on_invalidation(item[2])
+            elif isinstance(item, list) and len(item) == 2 and item[0] == b"pong":
+                # Everything Redis published before it answered this PING has been applied above.
+                try:
+                    self._trust.pong(float(item[1]))
+                except ValueError:
+                    pass
 
     def _on_ack(self, data: bytes) -> None:
         try:
@@ -237,6 +255,7 @@ class ProcessBus:
         if self._sock is None:
             return
         self._disconnect()
+        self._trust.unsubscribed()
         log.warning("invalidation bus lost its subscription; L1 is off until it returns", extra={"error": why})
         for subscriber in self._subscribers.values():
             subscriber.on_resync()
@@ -332,7 +351,7 @@ class ProcessBus:
                 self._lose("no answer to PING")
                 return
             try:
-                sock.send(_command("PING"))
+                sock.send(_command("PING", repr(time.monotonic())))
             except OSError as exc:
                 self._lose(type(exc).__name__)
                 return

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -27,8 +26,6 @@ class RedisCircuit:
         self._available = True
         self._since = 0.0
         self._probe: asyncio.Task[None] | None = None
-        # Run before the circuit closes again, e.g. flushing invalidations that could not be sent.
-        self.on_recovery: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def available(self) -> bool:
@@ -53,14 +50,8 @@ class RedisCircuit:
             await asyncio.sleep(self._probe_interval)
             try:
                 await self._client.ping()
-                for hook in self.on_recovery:
-                    await hook()
             except REDIS_ERRORS:
                 continue  # still out
-            except Exception:
-                # A bug in a hook must not keep the circuit open unnoticed: say so, and retry.
-                log.exception("redis recovery hook failed; the circuit stays open")
-                continue
             self._available = True
             metrics.DEPENDENCY_UP.labels("redis").set(1)
             log.warning("redis outage ended", extra={"seconds": round(time.monotonic() - self._since, 3)})

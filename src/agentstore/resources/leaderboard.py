@@ -14,8 +14,9 @@ PostgreSQL would.
   was lost (expiry, FLUSHALL) is discarded. Lua scripts make each of these steps atomic.
 * Scores are stored negated so that ZRANGE's ascending order is "points desc, agent_id asc"
   (canonical UUID text sorts like PostgreSQL's uuid order), which gives the ranks.
-* A failed Redis update deletes the tenant's board (or, while Redis is unreachable, remembers
-  the tenant and deletes the board before the outage circuit closes), so the next read rebuilds.
+* A failed Redis update deletes the tenant's board (or, while Redis is unreachable, records the
+  deletion as a cache repair in PostgreSQL, done by whichever process reaches Redis first), so the
+  next read rebuilds; no process reads a board while a repair of it is pending.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from agentstore.cache.repairs import CacheRepairs, Repair, RepairHandler
+from agentstore.cache.trust import CacheTrust
 from agentstore.db import Database
 from agentstore.deps import Deps
 from agentstore.redis import REDIS_ERRORS
 from agentstore.redis.circuit import RedisCircuit
 from agentstore.v1 import achievement_pb2
 
+REPAIR_KIND = "leaderboard"
 # Entries above and below `around_agent_id` in GetLeaderboard.
 AROUND = 2
 
@@ -136,6 +140,8 @@ class Leaderboard:
         self,
         redis: aioredis.Redis,
         circuit: RedisCircuit,
+        repairs: CacheRepairs,
+        trust: CacheTrust,
         db: Database,
         key_prefix: str,
         *,
@@ -143,15 +149,17 @@ class Leaderboard:
     ) -> None:
         self._redis = redis
         self._circuit = circuit
+        self._repairs = repairs
+        self._trust = trust
         self._db = db
         self._prefix = key_prefix
         self._build_ttl_ms = build_ttl_ms
         self._awarded_script = redis.register_script(_AWARDED_LUA)
         self._finalize_script = redis.register_script(_FINALIZE_LUA)
         self._read_script = redis.register_script(_READ_LUA)
-        # Tenants whose board may have missed an award while Redis was unreachable.
-        self._stale: set[uuid.UUID] = set()
-        circuit.on_recovery.append(self._drop_stale)
+        # A board that may have missed an award is deleted by a cache repair (cache/repairs.py),
+        # recorded in PostgreSQL, so that it is done even if this process is gone by then.
+        repairs.handle(REPAIR_KIND, RepairHandler(local=lambda repairs: None, redis=self._drop_boards))
 
     def key(self, tenant_id: uuid.UUID) -> str:
         return f"{self._prefix}lb:{tenant_id}"
@@ -173,7 +181,7 @@ class Leaderboard:
         if not args:
             return
         if not self._circuit.available:
-            self._stale.add(tenant_id)
+            await self._repair_later(tenant_id)
             return
         try:
             await self._awarded_script(keys=self._keys(tenant_id), args=args)
@@ -184,7 +192,7 @@ class Leaderboard:
         """After commit of a change that lowers totals (deleting an agent cascades to its awards):
         the next read rebuilds the board from PostgreSQL."""
         if not self._circuit.available:
-            self._stale.add(tenant_id)
+            await self._repair_later(tenant_id)
             return
         await self._drop(tenant_id, ConnectionError("leaderboard not invalidated"))
 
@@ -193,22 +201,26 @@ class Leaderboard:
         try:
             await self._redis.delete(*self._keys(tenant_id))
         except REDIS_ERRORS:
-            self._stale.add(tenant_id)
             self._circuit.failed(cause)
+            await self._repair_later(tenant_id)
 
-    async def _drop_stale(self) -> None:
-        # Runs before the circuit closes; raising keeps it open and tries again later.
-        while self._stale:
-            tenant_id = next(iter(self._stale))
-            await self._redis.delete(*self._keys(tenant_id))
-            self._stale.discard(tenant_id)
+    async def _repair_later(self, tenant_id: uuid.UUID) -> None:
+        """Redis could not take the change: the board's deletion becomes a recorded cache repair,
+        and the writer outlasts every process's lease (cache/trust.py) before it answers."""
+        await self._repairs.record(Repair(REPAIR_KIND, tenant_id, None, None))
+        await self._trust.outlast()
+
+    async def _drop_boards(self, repairs: Sequence[Repair]) -> None:
+        keys = [key for tenant_id in {r.tenant_id for r in repairs} for key in self._keys(tenant_id)]
+        await self._redis.delete(*keys)
 
     async def top(
         self, tenant_id: uuid.UUID, top_n: int, around: uuid.UUID | None = None
     ) -> tuple[list[BoardEntry], list[BoardEntry]]:
         """The top `top_n` entries and those around `around` (empty if it has no points)."""
         around_text = str(around) if around is not None else None
-        if self._circuit.available:
+        # A board is trusted under the same lease as cached entities: no repair of it is pending.
+        if self._circuit.available and self._trust.l2():
             try:
                 found = await self._read_script(keys=[self.key(tenant_id)], args=[top_n, around_text or ""])
             except REDIS_ERRORS as exc:
@@ -250,4 +262,4 @@ class Leaderboard:
 
 def leaderboard(deps: Deps) -> Leaderboard:
     """The one leaderboard engine of a server (achievements award, agents invalidate, the queue awards)."""
-    return Leaderboard(deps.redis, deps.circuit, deps.db, deps.settings.redis_key_prefix)
+    return Leaderboard(deps.redis, deps.circuit, deps.repairs, deps.trust, deps.db, deps.settings.redis_key_prefix)

@@ -216,6 +216,8 @@ def entity_cache(deps: Deps, spec: ResourceSpec) -> EntityCache:
             deps.l2,
             deps.bus,
             deps.circuit,
+            deps.repairs,
+            deps.trust,
             deps.settings.redis_key_prefix,
             loader(deps.db, spec),
             spec.cache_entry,
