@@ -5,7 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/agentstore/v1/*.proto)
 
-.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench
+.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv h2load
+
+# The benchmark's own environment (bench/pyproject.toml): the server from this checkout with its
+# runtime dependencies only, plus the harness and its tools. Never the service's `dev` extra.
+BENCH_VENV  := bench/.venv
+BENCH_BIN   := $(BENCH_VENV)/bin
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +36,34 @@ test-integration: venv
 	$(BIN)/pytest tests/integration
 
 ## bench: benchmark agentstore against the echo and naive reference servers (bench/README.md)
-bench: venv
-	$(BIN)/agentstore bench
+##        make bench ARGS="--scenario get_l1 --duration 5"
+bench: bench-venv h2load
+	$(BENCH_BIN)/python -m harness $(ARGS)
+
+$(BENCH_STAMP): pyproject.toml bench/pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/python -m pip install --quiet --upgrade pip
+	$(BENCH_BIN)/python -m pip install --quiet -e '.[embedded]' -e ./bench
+	touch $(BENCH_STAMP)
+
+## bench-venv: build bench/.venv (tests/integration/test_bench_smoke.py builds it too)
+bench-venv: $(BENCH_STAMP)
+
+# h2load (nghttp2-client) generates the fixed-request load; without it the harness falls back to
+# its Python generator and says so. Installed with apt-get when missing and we may.
+h2load:
+	@command -v h2load >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing h2load: apt-get install -y nghttp2-client"; \
+	    apt-get install -y -q nghttp2-client >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q nghttp2-client >/dev/null; } \
+	      || echo "could not install nghttp2-client: fixed-request scenarios use the Python generator"; \
+	  else \
+	    echo "h2load missing (install nghttp2-client as root): fixed-request scenarios use the Python generator"; \
+	  fi; }
 
 ## lint: ruff, mypy and buf lint
 lint: venv buf-lint
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy src
 
 buf-lint: venv
@@ -47,4 +75,4 @@ protos: venv
 		--python_out=src --grpc_python_out=src --mypy_out=src --mypy_grpc_out=src $(PROTOS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,24 +5,42 @@ runnable scenario without errors and reports the scenarios whose RPCs do not exi
 The task scenarios (claim_complete, batch_create_tasks) run agentstore alone, without references.
 Without h2load on the machine the fixed-request scenario falls back to the Python generator, so
 the first test passes either way; the second forces that fallback.
+
+The harness is not part of the package: it runs from bench/ in its own environment
+(bench/.venv), which the `bench_python` fixture builds through `make bench-venv` (a no-op when
+it is up to date), exactly as `make bench` runs it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agentstore.benchmark import main
 from tests.conftest import Servers
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
 
-def run_bench(servers: Servers, out: Path, *args: str) -> dict[str, Any]:
+
+@pytest.fixture(scope="session")
+def bench_python() -> Path:
+    """bench/.venv/bin/python, built by the Makefile like `make bench` builds it."""
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-s", "bench-venv"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    python = REPO / "bench" / ".venv" / "bin" / "python"
+    if done.returncode != 0 or not python.exists():
+        pytest.fail(f"`make bench-venv` failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return python
+
+
+def run_bench(bench_python: Path, servers: Servers, out: Path, *args: str) -> dict[str, Any]:
     argv = [
         "--duration", "1",
         "--warmup", "0.2",
@@ -36,7 +54,10 @@ def run_bench(servers: Servers, out: Path, *args: str) -> dict[str, Any]:
         "--output-dir", str(out),
         *args,
     ]  # fmt: skip
-    assert main(argv) == 0
+    done = subprocess.run(
+        [str(bench_python), "-m", "harness", *argv], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     stamped = [p for p in out.glob("*.json") if p.name != "latest.json"]
     assert len(stamped) == 1, list(out.iterdir())
     doc: dict[str, Any] = json.loads(stamped[0].read_text())
@@ -52,9 +73,17 @@ def check_measured(row: dict[str, Any]) -> None:
     assert row["server_cpu_percent"] is not None and row["server_peak_rss_mib"] > 0, row
 
 
-def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
+def test_bench_runs_and_reports(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
     doc = run_bench(
-        servers, tmp_path, "--scenario", "get_uncached", "--scenario", "create", "--scenario", "watch_fanout"
+        bench_python,
+        servers,
+        tmp_path,
+        "--scenario",
+        "get_uncached",
+        "--scenario",
+        "create",
+        "--scenario",
+        "watch_fanout",
     )
     rows = {row["name"]: row for row in doc["scenarios"]}
     assert list(rows) == ["get_uncached", "create", "watch_fanout"]
@@ -106,8 +135,10 @@ def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
     assert not doc["problems"]
 
 
-def test_bench_python_generator_fallback(servers: Servers, tmp_path: Path) -> None:
-    doc = run_bench(servers, tmp_path, "--scenario", "get_uncached", "--generator", "python", "--no-references")
+def test_bench_python_generator_fallback(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(
+        bench_python, servers, tmp_path, "--scenario", "get_uncached", "--generator", "python", "--no-references"
+    )
     assert doc["generator"]["fixed_requests"] == "python"
     [row] = doc["scenarios"]
     check_measured(row)
@@ -118,8 +149,9 @@ def test_bench_python_generator_fallback(servers: Servers, tmp_path: Path) -> No
     assert "h2load" in row["half_saturation"]["error"]
 
 
-def test_bench_task_scenarios(servers: Servers, tmp_path: Path) -> None:
+def test_bench_task_scenarios(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
     doc = run_bench(
+        bench_python,
         servers,
         tmp_path,
         "--scenario", "claim_complete",
@@ -153,8 +185,8 @@ def test_bench_task_scenarios(servers: Servers, tmp_path: Path) -> None:
     assert not doc["problems"]
 
 
-def test_bench_mixed_with_warm_caches(servers: Servers, tmp_path: Path) -> None:
-    doc = run_bench(servers, tmp_path, "--scenario", "mixed", "--no-chart")
+def test_bench_mixed_with_warm_caches(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(bench_python, servers, tmp_path, "--scenario", "mixed", "--no-chart")
     [row] = doc["scenarios"]
     check_measured(row)
     assert row["generator"] == "python"

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentstore.benchmark.stats import HALF_RATE_FRACTION, HALF_RATE_P99_BAR_MS, HalfRate, Measurement
+from harness.stats import HALF_RATE_FRACTION, HALF_RATE_P99_BAR_MS, HalfRate, Measurement
 
 if TYPE_CHECKING:
-    from agentstore.benchmark.runner import Bench
+    from harness.runner import Bench
 
 
 @dataclass
@@ -272,7 +272,7 @@ def header_lines(bench: Bench) -> list[str]:
 
 def full_text(bench: Bench) -> str:
     lines = header_lines(bench)
-    from agentstore.benchmark.runner import BUSY_WARNING_PERCENT
+    from harness.runner import BUSY_WARNING_PERCENT
 
     if bench.busy_before > BUSY_WARNING_PERCENT:
         lines.append(
@@ -312,8 +312,6 @@ def _host() -> dict[str, Any]:
 
 
 def document(bench: Bench, started: datetime, text: str) -> dict[str, Any]:
-    from agentstore.benchmark.runner import cache_settings_available
-
     o = bench.opts
     return {
         "schema": 1,
@@ -351,7 +349,6 @@ def document(bench: Bench, started: datetime, text: str) -> dict[str, Any]:
         },
         "backends": bench.backends.description if bench.backends else None,
         "host_cpu_busy_before_percent": bench.busy_before,
-        "cache_settings_available": cache_settings_available(),
         "scenarios": [r.to_json() for r in bench.results],
         "references": [ref.to_json() for ref in bench.references.values()],
         "problems": bench.problems,

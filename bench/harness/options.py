@@ -1,4 +1,4 @@
-"""`agentstore bench` arguments."""
+"""The harness's command-line options (`make bench ARGS=...`, `python -m harness --help`)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentstore.benchmark.scenarios import DEFAULT_SCENARIOS, SCENARIOS
+from harness.scenarios import DEFAULT_SCENARIOS, SCENARIOS
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-def default_output_dir() -> Path:
-    for base in (Path.cwd(), REPO_ROOT):
-        if (base / "bench").is_dir():
-            return base / "bench" / "results"
-    return Path.cwd() / "bench" / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
 @dataclass
@@ -63,7 +56,7 @@ def _memory_requests(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(SCENARIOS)
     parser = argparse.ArgumentParser(
-        prog="agentstore bench",
+        prog="python -m harness",
         description=(
             "Benchmark agentstore against reference servers (echo, naive) in a scratch database. "
             "PostgreSQL and Redis come from AGENTSTORE_BENCH_DATABASE_URL (an admin URL that may create "
@@ -175,7 +168,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         agents=args.agents,
         pool_size=args.pool_size,
         generator=args.generator,
-        output_dir=args.output_dir or default_output_dir(),
+        output_dir=args.output_dir or RESULTS_DIR,
         database_url=args.database_url or os.environ.get("AGENTSTORE_BENCH_DATABASE_URL") or None,
         redis_url=args.redis_url or os.environ.get("AGENTSTORE_BENCH_REDIS_URL") or None,
         references=args.references,

@@ -31,8 +31,18 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentstore.benchmark import h2load as h2
-from agentstore.benchmark.environment import (
+from agentstore.v1 import (
+    agent_pb2,
+    agent_service_pb2,
+    task_pb2,
+    task_service_pb2,
+    tenant_pb2,
+    tenant_service_pb2,
+    tenant_service_pb2_grpc,
+)
+from harness import h2load as h2
+from harness.environment import (
+    BENCH_DIR,
     Backends,
     ManagedProcess,
     Pinning,
@@ -40,12 +50,11 @@ from agentstore.benchmark.environment import (
     UsageSampler,
     clear_redis_prefix,
     drop_quietly,
-    find_bench_dir,
     free_port,
     rss_mib,
 )
-from agentstore.benchmark.options import Options
-from agentstore.benchmark.pyload import (
+from harness.options import Options
+from harness.pyload import (
     BATCH_CREATE_TASKS,
     BATCH_GET_AGENTS,
     CREATE_AGENT,
@@ -62,23 +71,12 @@ from agentstore.benchmark.pyload import (
     run_python_load,
     task_batch,
 )
-from agentstore.benchmark.report import Reference, ScenarioResult, write_report
-from agentstore.benchmark.scenarios import SCENARIOS, skip_reason
-from agentstore.benchmark.stats import HALF_RATE_FRACTION, HalfRate, Measurement, Usage
-from agentstore.config import Settings
-from agentstore.v1 import (
-    agent_pb2,
-    agent_service_pb2,
-    task_pb2,
-    task_service_pb2,
-    tenant_pb2,
-    tenant_service_pb2,
-    tenant_service_pb2_grpc,
-)
+from harness.report import Reference, ScenarioResult, write_report
+from harness.scenarios import SCENARIOS, skip_reason
+from harness.stats import HALF_RATE_FRACTION, HalfRate, Measurement, Usage
 
 LIST_FILTER = 'status = IDLE AND capabilities:"python"'
 LIST_PAGE = 50
-CACHE_FIELDS = ("cache_l1_max_entries", "cache_l1_ttl_seconds", "cache_l2_ttl_seconds")
 CACHE_MODES: dict[str, dict[str, str]] = {
     "get_l1": {
         "AGENTSTORE_CACHE_L1_MAX_ENTRIES": "100000",
@@ -143,10 +141,6 @@ def host_busy_percent(seconds: float = 1.0) -> float:
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def cache_settings_available() -> bool:
-    return all(name in Settings.model_fields for name in CACHE_FIELDS)
 
 
 @dataclass
@@ -485,7 +479,7 @@ class Bench:
     async def echo_server(self) -> Server:
         if self.echo is None:
             port = free_port()
-            script = find_bench_dir() / "echo_server.py"
+            script = BENCH_DIR / "echo_server.py"
             argv = [*self.pinning.server_prefix(), sys.executable, str(script), "--port", str(port)]
             process = ManagedProcess("echo_server", argv, self._base_env(), self.workdir / "echo.log")
             self.echo = await self._start(Server("echo", process, port), health=False)
@@ -495,7 +489,7 @@ class Bench:
         assert self.db is not None
         if self.naive is None:
             port = free_port()
-            script = find_bench_dir() / "naive_server.py"
+            script = BENCH_DIR / "naive_server.py"
             argv = [
                 *self.pinning.server_prefix(),
                 sys.executable,
@@ -870,10 +864,6 @@ class Bench:
 
     async def _get(self, result: ScenarioResult) -> None:
         env = CACHE_MODES[result.name]
-        if not cache_settings_available():
-            env = {}
-            if result.name != "get_uncached":
-                result.notes.append("cache settings not available: measured uncached")
         target = agent_id(0)
         call = FixedCall(
             GET_AGENT, agent_service_pb2.GetAgentRequest(id=target).SerializeToString(), check_agent(target), "GetAgent"
