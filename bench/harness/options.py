@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.scenarios import DEFAULT_SCENARIOS, SCENARIOS
+from harness.stats import SAME_RATES
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
@@ -34,6 +35,7 @@ class Options:
     chart: bool
     noise_retries: int
     half_rate: bool = True
+    same_rates: tuple[int, ...] = SAME_RATES
 
 
 def _positive_int(text: str) -> int:
@@ -51,6 +53,16 @@ def _memory_requests(text: str) -> tuple[int, int]:
     if not 0 < first < second:
         raise argparse.ArgumentTypeError("expected 0 < first < second")
     return first, second
+
+
+def _rates(text: str) -> tuple[int, ...]:
+    try:
+        rates = tuple(int(v.replace("_", "")) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected RPC/s values, e.g. 1000,2000,3000") from None
+    if not rates or min(rates) < 1:
+        raise argparse.ArgumentTypeError("every rate must be at least 1 RPC/s")
+    return rates
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the second, rate-limited h2load run of the get_* scenarios at half their saturated RPC/s "
         "(p50/p95/p99 at half saturation; on by default, one extra run per scenario and reference)",
     )
+    parser.add_argument(
+        "--same-rates",
+        metavar="R,R,...",
+        type=_rates,
+        default=SAME_RATES,
+        help="offered rates (RPC/s, all connections together) of the same_rate scenario (default 1000,2000,3000)",
+    )
     return parser
 
 
@@ -176,4 +195,5 @@ def parse_options(argv: Sequence[str]) -> Options:
         chart=args.chart,
         noise_retries=max(0, args.noise_retries),
         half_rate=args.half_rate,
+        same_rates=args.same_rates,
     )

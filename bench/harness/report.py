@@ -86,7 +86,8 @@ class ScenarioResult:
         if self.echo is not None and self.echo.generator_bound and (self.ratio_vs_echo or 0) > 0.8:
             self.notes.append("near the generator's limit: agentstore's RPC/s is a lower bound")
         cpu = m.usage.cpu_percent
-        if cpu is not None and cpu < 75:
+        # A rate-limited run (h2load --rps) is meant to leave the server idle part of the time.
+        if cpu is not None and cpu < 75 and m.extra.get("rps_per_connection") is None:
             self.notes.append(f"server only {cpu:.0f}% CPU: bound by PostgreSQL/Redis or the generator")
 
     def to_json(self) -> dict[str, Any]:
@@ -255,6 +256,55 @@ def half_rate_table(bench: Bench) -> str | None:
     return _render(headers, rows, right=set(range(1, len(headers) - 1)))
 
 
+def same_rate_table(bench: Bench) -> str | None:
+    """same_rate: every server at every offered rate, and what agentstore adds over echo; None without it."""
+    runs = [run for r in bench.results for run in r.extra.get("same_rate", [])]
+    if not runs:
+        return None
+    echo = {run["offered_rpc_per_s"]: run for run in runs if run["server"] == "echo"}
+    headers = [
+        "offered RPC/s",
+        "server",
+        "RPC/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "errors",
+        "CPU %",
+        "other CPU %",
+        "+p50 ms",
+        "+p90 ms",
+        "+p99 ms",
+        "notes",
+    ]
+    rows: list[list[str]] = []
+    for run in runs:
+        if run["status"] != "ok":
+            rows.append([_num(run["offered_rpc_per_s"]), run["server"], "ERROR", *["—"] * 9, run["error"] or ""])
+            continue
+        ref = echo.get(run["offered_rpc_per_s"])
+        added = ["—"] * 3
+        if run["server"] != "echo" and ref is not None and ref["status"] == "ok":
+            added = [f"{run[k] - ref[k]:+.2f}" for k in ("p50_ms", "p90_ms", "p99_ms")]
+        note = "fell behind the offered rate: percentiles flatter it" if run["fell_behind"] else ""
+        rows.append(
+            [
+                _num(run["offered_rpc_per_s"]),
+                run["server"],
+                _num(run["rpc_per_s"]),
+                _num(run["p50_ms"], 2),
+                _num(run["p90_ms"], 2),
+                _num(run["p99_ms"], 2),
+                str(run["errors"]),
+                _num(run["server_cpu_percent"]),
+                _num(run["other_cpu_percent"]),
+                *added,
+                note,
+            ]
+        )
+    return _render(headers, rows, right={0, *range(2, len(headers) - 1)})
+
+
 def header_lines(bench: Bench) -> list[str]:
     o = bench.opts
     python_gen = f"Python generator: {bench.processes} processes, {bench.inflight} calls in flight in total"
@@ -289,6 +339,14 @@ def full_text(bench: Bench) -> str:
             f"latency at {HALF_RATE_FRACTION:.0%} of the saturated RPC/s (second h2load run, --rps = target / "
             f"{bench.opts.connections} connections; bar: GetAgent p99 <= {HALF_RATE_P99_BAR_MS:g} ms):",
             half,
+        ]
+    same = same_rate_table(bench)
+    if same is not None:
+        parts += [
+            "",
+            f"latency at the same offered load (same_rate: GetAgent from L1 vs echo, h2load --rps = offered / "
+            f"{bench.opts.connections} connections, -m {bench.opts.streams}; +pNN = agentstore minus echo):",
+            same,
         ]
     if bench.problems:
         parts += ["", *(f"problem: {p}" for p in bench.problems)]
@@ -335,6 +393,7 @@ def document(bench: Bench, started: datetime, text: str) -> dict[str, Any]:
             "noise_retries": o.noise_retries,
             "half_rate": o.half_rate,
             "half_rate_fraction": HALF_RATE_FRACTION,
+            "same_rates": list(o.same_rates),
         },
         "generator": {
             "fixed_requests": "h2load" if bench.h2load else "python",

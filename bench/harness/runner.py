@@ -73,7 +73,7 @@ from harness.pyload import (
 )
 from harness.report import Reference, ScenarioResult, write_report
 from harness.scenarios import SCENARIOS, skip_reason
-from harness.stats import HALF_RATE_FRACTION, HalfRate, Measurement, Usage
+from harness.stats import HALF_RATE_FRACTION, HalfRate, Measurement, SameRate, Usage
 
 LIST_FILTER = 'status = IDLE AND capabilities:"python"'
 LIST_PAGE = 50
@@ -156,6 +156,10 @@ class FixedCall:
 
 class VerificationError(Exception):
     pass
+
+
+class ScenarioSkipped(Exception):
+    """The scenario cannot run on this machine (its message says why): reported as SKIPPED."""
 
 
 def check_agent(expected_id: str | None) -> Callable[[bytes], str]:
@@ -805,6 +809,8 @@ class Bench:
         try:
             if name in CACHE_MODES:
                 await self._get(result)
+            elif name == "same_rate":
+                await self._same_rate(result)
             elif name == "list_filtered":
                 await self._list(result)
             elif name == "create":
@@ -822,6 +828,10 @@ class Bench:
             else:  # pragma: no cover - skip_reason covers every other name
                 raise RuntimeError(f"no driver for {name}")
             result.status = "ok"
+        except ScenarioSkipped as exc:
+            result.status = "skipped"
+            result.notes.append(str(exc))
+            log(f"{name}: SKIPPED ({exc})")
         except (Exception, VerificationError) as exc:
             result.status = "error"
             result.notes.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -881,6 +891,74 @@ class Bench:
             "echo", "GetAgent", result.name, call=dataclasses.replace(call, check=check_agent(None)), half_rate=True
         )
         result.naive = await self.reference("naive", "GetAgent", result.name, call=call, half_rate=True)
+
+    async def _same_rate(self, result: ScenarioResult) -> None:
+        """GetAgent from L1 and echo at the same offered rates: the latency agentstore adds at each.
+
+        Per rate, agentstore (the bench's config: access log off), agentstore with the access log
+        on (its default) and echo run one after the other, so the three are measured close in time.
+        """
+        if self.h2load is None:
+            raise ScenarioSkipped("needs h2load (--rps); the Python generator cannot hold a rate")
+        target = agent_id(0)
+        call = FixedCall(
+            GET_AGENT, agent_service_pb2.GetAgentRequest(id=target).SerializeToString(), check_agent(target), "GetAgent"
+        )
+        echo_call = dataclasses.replace(call, check=check_agent(None))
+        servers: list[tuple[str, Server, FixedCall]] = [
+            ("agentstore", await self.start_agentstore(CACHE_MODES["get_l1"], "same-rate"), call),
+            (
+                "agentstore, access log on",
+                await self.start_agentstore(
+                    {**CACHE_MODES["get_l1"], "AGENTSTORE_ACCESS_LOG": "true", "AGENTSTORE_LOG_LEVEL": "INFO"},
+                    "same-rate-access-log",
+                ),
+                call,
+            ),
+            ("echo", await self.echo_server(), echo_call),
+        ]
+        runs: list[SameRate] = []
+        try:
+            for rate in self.opts.same_rates:
+                for label, server, fixed in servers:
+                    run = SameRate(label, float(rate), rate / self.opts.connections)
+                    try:
+                        run.measurement = await self.steady(
+                            lambda s=server, c=fixed, r=run: self.measure_fixed(
+                                s, c, rps_per_connection=r.rps_per_connection
+                            ),
+                            f"{label} at {rate:,} RPC/s",
+                        )
+                    except (Exception, VerificationError) as exc:
+                        run.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        log(f"  {label} at {rate:,} RPC/s failed: {exc}")
+                    else:
+                        m = run.measurement
+                        log(
+                            f"  {label} at {rate:,} RPC/s: {m.rpc_per_s:,.0f} RPC/s, p50 {m.latency.p50_ms or 0:.2f} "
+                            f"p90 {m.latency.p90_ms or 0:.2f} p99 {m.latency.p99_ms or 0:.2f} ms, {m.errors} errors"
+                        )
+                    runs.append(run)
+        finally:
+            for label, server, _ in servers:
+                if label != "echo":
+                    await self.stop_server(server)
+        result.extra["same_rate"] = [run.to_json() for run in runs]
+        failed = [f"{r.server} at {r.offered_rpc_per_s:,.0f}" for r in runs if r.measurement is None]
+        if failed:
+            raise RuntimeError(f"same_rate runs failed: {', '.join(failed)}")
+        # The table's row is agentstore at the middle rate (2,000 RPC/s by default: the issue's bar).
+        middle = self.opts.same_rates[len(self.opts.same_rates) // 2]
+        by_key = {(r.server, r.offered_rpc_per_s): r for r in runs}
+        result.measurement = by_key["agentstore", float(middle)].measurement
+        for rate in self.opts.same_rates:
+            mine, echo = by_key["agentstore", float(rate)], by_key["echo", float(rate)]
+            assert mine.measurement is not None and echo.measurement is not None
+            p99 = (mine.measurement.latency.p99_ms or 0) - (echo.measurement.latency.p99_ms or 0)
+            result.notes.append(f"p99 {p99:+.2f} ms over echo at {rate:,} RPC/s")
+        result.notes.append(f"row: agentstore at {middle:,} RPC/s offered; table 'at the same offered load' below")
+        if any(r.fell_behind for r in runs):
+            result.notes.append("a run fell behind its offered rate: its percentiles flatter it (see the table)")
 
     async def _list(self, result: ScenarioResult) -> None:
         request = agent_service_pb2.ListAgentsRequest(page_size=LIST_PAGE, filter=LIST_FILTER)

@@ -22,6 +22,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("get_l1", "GetAgent of one agent, served from the in-process L1 cache"),
         Scenario("get_l2", "GetAgent of one agent, L1 off, served from the Redis L2 cache"),
         Scenario("get_uncached", "GetAgent of one agent, both caches off: PostgreSQL every time"),
+        Scenario(
+            "same_rate",
+            "GetAgent from L1 and echo at the same offered rates (h2load --rps): what agentstore adds to p50/p90/p99",
+        ),
         Scenario("list_filtered", 'ListAgents, page of 50, filter status = IDLE AND capabilities:"python"'),
         Scenario("create", "CreateAgent with a unique name and request_id per call (audit row included)"),
         Scenario("update_etag", "GetAgent then UpdateAgent with its etag; every slot owns its agents"),
@@ -52,6 +56,7 @@ IMPLEMENTED = {
     "get_l1",
     "get_l2",
     "get_uncached",
+    "same_rate",
     "list_filtered",
     "create",
     "update_etag",

@@ -197,3 +197,26 @@ def test_bench_mixed_with_warm_caches(bench_python: Path, servers: Servers, tmp_
     refs = {ref["id"]: ref for ref in doc["references"]}
     assert row["naive_reference"] in refs and row["echo_reference"] in refs
     assert row["ratio_vs_naive"] > 0
+
+
+def test_bench_same_rate(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(bench_python, servers, tmp_path, "--scenario", "same_rate", "--same-rates", "40,80", "--no-chart")
+    [row] = doc["scenarios"]
+    if not shutil.which("h2load"):
+        # It needs h2load's --rps; without it the scenario says so instead of measuring something else.
+        assert row["status"] == "skipped" and "h2load" in row["notes"][0], row
+        return
+    check_measured(row)
+    runs = row["extra"]["same_rate"]
+    # Per rate, agentstore, agentstore with its access log, and echo, one after the other.
+    assert [(r["offered_rpc_per_s"], r["server"]) for r in runs] == [
+        (rate, server) for rate in (40, 80) for server in ("agentstore", "agentstore, access log on", "echo")
+    ]
+    for run in runs:
+        assert run["status"] == "ok" and run["errors"] == 0, run
+        assert run["p50_ms"] is not None and run["p90_ms"] is not None and run["p99_ms"] is not None, run
+        assert "--rps=" in run["measurement"]["extra"]["h2load_command"]
+        assert run["rps_per_connection"] == run["offered_rpc_per_s"] / 2  # --connections 2
+    assert any(note.startswith("p99 ") and "over echo at 80 RPC/s" in note for note in row["notes"]), row["notes"]
+    assert "latency at the same offered load" in doc["table"]
+    assert not doc["problems"]
