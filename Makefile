@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/agentstore/v1/*.proto)
 
-.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv h2load
+.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv bench-callgrind h2load
 
 # The benchmark's own environment (bench/pyproject.toml): the server from this checkout with its
 # runtime dependencies only, plus the harness and its tools. Never the service's `dev` extra.
@@ -39,6 +39,10 @@ test-integration: venv
 ##        make bench ARGS="--scenario get_l1 --duration 5"
 bench: bench-venv h2load
 	$(BENCH_BIN)/python -m harness $(ARGS)
+
+## bench-callgrind: instructions per GetAgent (L1 hit, L2 hit, echo) in the server process, by callgrind
+bench-callgrind: bench-venv
+	$(BENCH_BIN)/python -m harness.callgrind $(ARGS)
 
 $(BENCH_STAMP): pyproject.toml bench/pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)

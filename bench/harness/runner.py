@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -439,7 +439,10 @@ class Bench:
     def _base_env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTORE_")}
 
-    async def start_agentstore(self, overrides: dict[str, str], label: str) -> Server:
+    async def start_agentstore(
+        self, overrides: dict[str, str], label: str, *, wrapper: Sequence[str] = (), ready_s: float = 60.0
+    ) -> Server:
+        """`agentstore serve` with the bench's settings; `wrapper` goes before python (e.g. valgrind)."""
         assert self.db is not None and self.backends is not None
         port, metrics_port = free_port(), free_port()
         env = self._base_env()
@@ -461,15 +464,15 @@ class Bench:
             }
         )
         env.update(overrides)
-        argv = [*self.pinning.server_prefix(), sys.executable, "-m", "agentstore", "serve"]
+        argv = [*self.pinning.server_prefix(), *wrapper, sys.executable, "-m", "agentstore", "serve"]
         process = ManagedProcess(f"agentstore serve ({label})", argv, env, self.workdir / f"agentstore-{label}.log")
-        return await self._start(Server(process.name, process, port, metrics_port), health=True)
+        return await self._start(Server(process.name, process, port, metrics_port), health=True, ready_s=ready_s)
 
-    async def _start(self, server: Server, *, health: bool) -> Server:
+    async def _start(self, server: Server, *, health: bool, ready_s: float = 60.0) -> Server:
         server.process.start()
         self.servers.append(server)
         try:
-            await server.wait_ready(health=health)
+            await server.wait_ready(health=health, limit_s=ready_s)
         except BaseException:
             await self.stop_server(server)
             raise
@@ -481,13 +484,17 @@ class Bench:
             self.servers.remove(server)
 
     async def echo_server(self) -> Server:
+        """The echo reference, started once and shared by every scenario."""
         if self.echo is None:
-            port = free_port()
-            script = BENCH_DIR / "echo_server.py"
-            argv = [*self.pinning.server_prefix(), sys.executable, str(script), "--port", str(port)]
-            process = ManagedProcess("echo_server", argv, self._base_env(), self.workdir / "echo.log")
-            self.echo = await self._start(Server("echo", process, port), health=False)
+            self.echo = await self.start_echo()
         return self.echo
+
+    async def start_echo(self, *, wrapper: Sequence[str] = (), ready_s: float = 60.0, label: str = "echo") -> Server:
+        port = free_port()
+        script = BENCH_DIR / "echo_server.py"
+        argv = [*self.pinning.server_prefix(), *wrapper, sys.executable, str(script), "--port", str(port)]
+        process = ManagedProcess("echo_server", argv, self._base_env(), self.workdir / f"{label}.log")
+        return await self._start(Server("echo", process, port), health=False, ready_s=ready_s)
 
     async def naive_server(self) -> Server:
         assert self.db is not None
