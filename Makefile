@@ -5,13 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/agentstore/v1/*.proto)
 
-.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv bench-callgrind h2load
+.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv bench-peers bench-callgrind h2load
 
 # The benchmark's own environment (bench/pyproject.toml): the server from this checkout with its
 # runtime dependencies only, plus the harness and its tools. Never the service's `dev` extra.
 BENCH_VENV  := bench/.venv
 BENCH_BIN   := $(BENCH_VENV)/bin
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+# npm ci writes it: Graphile Worker, a queue_peers peer (bench/queue_peers/package-lock.json).
+BENCH_NODE  := bench/queue_peers/node_modules/.package-lock.json
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +39,7 @@ test-integration: venv
 
 ## bench: benchmark agentstore against the echo and naive reference servers (bench/README.md)
 ##        make bench ARGS="--scenario get_l1 --duration 5"
-bench: bench-venv h2load
+bench: bench-venv bench-peers h2load
 	$(BENCH_BIN)/python -m harness $(ARGS)
 
 ## bench-callgrind: instructions per GetAgent (L1 hit, L2 hit, echo) in the server process, by callgrind
@@ -52,6 +54,16 @@ $(BENCH_STAMP): pyproject.toml bench/pyproject.toml
 
 ## bench-venv: build bench/.venv (tests/integration/test_bench_smoke.py builds it too)
 bench-venv: $(BENCH_STAMP)
+
+# The queue peers outside Python. Without npm, or when npm ci fails, queue_peers reports Graphile
+# Worker as skipped with the reason; it is never left out silently.
+bench-peers:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(BENCH_NODE); \
+	else echo "npm not found: queue_peers will report Graphile Worker as skipped"; fi
+
+$(BENCH_NODE): bench/queue_peers/package.json bench/queue_peers/package-lock.json
+	cd bench/queue_peers && npm ci --no-audit --no-fund --loglevel=error \
+	  || echo "npm ci failed: queue_peers will report Graphile Worker as skipped"
 
 # h2load (nghttp2-client) generates the fixed-request load; without it the harness falls back to
 # its Python generator and says so. Installed with apt-get when missing and we may.

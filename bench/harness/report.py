@@ -179,6 +179,8 @@ def scenario_table(results: list[ScenarioResult]) -> str:
         m = r.measurement
         if m is not None and r.status == "ok":
             cells = [r.name, m.generator, *_metric_cells(m), _ratio(r.ratio_vs_echo), _ratio(r.ratio_vs_naive)]
+        elif r.status == "ok":  # a comparison without a measurement of its own (queue_peers): see its table
+            cells = [r.name, "—", *["—"] * (len(METRIC_HEADERS) + 2)]
         else:
             cells = [r.name, "—", r.status.upper(), *["—"] * (len(METRIC_HEADERS) + 1)]
         rows.append([*cells, "; ".join(r.notes)])
@@ -305,6 +307,45 @@ def same_rate_table(bench: Bench) -> str | None:
     return _render(headers, rows, right={0, *range(2, len(headers) - 1)})
 
 
+def queue_peers_table(bench: Bench) -> str | None:
+    """queue_peers: agentstore and each peer, jobs/s and rows/s, agentstore's ratio to each; None without it."""
+    docs = [r.extra["queue_peers"] for r in bench.results if "queue_peers" in r.extra]
+    if not docs:
+        return None
+    doc = docs[-1]
+    mine = doc["agentstore"]
+    headers = [
+        "queue",
+        "version",
+        "claim->complete jobs/s",
+        "agentstore / it",
+        "bulk rows/s",
+        "agentstore / it",
+        "notes",
+    ]
+    rows = [
+        ["agentstore", "this code", _num(mine["claim_jobs_per_s"]), "—", _num(mine["bulk_rows_per_s"]), "—", ""],
+    ]
+    for peer in doc["peers"]:
+        if peer["status"] != "ok":
+            rows.append([peer["name"], "—", peer["status"].upper(), "—", "—", "—", peer["reason"] or ""])
+            continue
+        ratios = peer["raw"].get("ratios", {})
+        note = "ran out of jobs early: jobs/s is a lower bound" if peer["drained_early"] else ""
+        rows.append(
+            [
+                peer["name"],
+                peer["version"] or "—",
+                _num(peer["claim_jobs_per_s"]),
+                _ratio(ratios.get("claim_complete")),
+                _num(peer["bulk_rows_per_s"]),
+                _ratio(ratios.get("batch_create_tasks")),
+                note,
+            ]
+        )
+    return _render(headers, rows, right={2, 3, 4, 5})
+
+
 def header_lines(bench: Bench) -> list[str]:
     o = bench.opts
     python_gen = f"Python generator: {bench.processes} processes, {bench.inflight} calls in flight in total"
@@ -347,6 +388,14 @@ def full_text(bench: Bench) -> str:
             f"latency at the same offered load (same_rate: GetAgent from L1 vs echo, h2load --rps = offered / "
             f"{bench.opts.connections} connections, -m {bench.opts.streams}; +pNN = agentstore minus echo):",
             same,
+        ]
+    peers = queue_peers_table(bench)
+    if peers is not None:
+        parts += [
+            "",
+            "queue peers (same PostgreSQL, own scratch databases; claim -> complete: 8 workers, no-op handler; "
+            "bulk insert: 1,000 rows per call, 4 calls in flight; agentstore = claim_complete and batch_create_tasks):",
+            peers,
         ]
     if bench.problems:
         parts += ["", *(f"problem: {p}" for p in bench.problems)]

@@ -71,6 +71,8 @@ from harness.pyload import (
     run_python_load,
     task_batch,
 )
+from harness.queue_peers import BATCH as PEER_BATCH
+from harness.queue_peers import PEERS, WORKERS, run_peer
 from harness.report import Reference, ScenarioResult, write_report
 from harness.scenarios import SCENARIOS, skip_reason
 from harness.stats import HALF_RATE_FRACTION, HalfRate, Measurement, SameRate, Usage
@@ -828,6 +830,8 @@ class Bench:
                 await self._claim_complete(result)
             elif name == "batch_create_tasks":
                 await self._batch_create_tasks(result)
+            elif name == "queue_peers":
+                await self._queue_peers(result)
             elif name == "mixed":
                 await self._mixed(result)
             elif name == "memory":
@@ -1162,6 +1166,62 @@ class Bench:
             f"one in-flight cycle each ({processes} processes)",
         )
         result.notes.append(TASKS_ONLY_NOTE)
+
+    async def _agentstore_queue(self, name: str, result: ScenarioResult) -> ScenarioResult:
+        """This run's claim_complete or batch_create_tasks, measured now if the run did not include it."""
+        for done in self.results:
+            if done.name == name and done.status == "ok" and done.measurement is not None:
+                return done
+        own = ScenarioResult(name, SCENARIOS[name].description)
+        await (self._claim_complete(own) if name == "claim_complete" else self._batch_create_tasks(own))
+        own.status = "ok"
+        result.notes.append(f"agentstore's {name} measured by queue_peers (not in this run's scenarios)")
+        return own
+
+    async def _queue_peers(self, result: ScenarioResult) -> None:
+        assert self.backends is not None
+        claims = await self._agentstore_queue("claim_complete", result)
+        batches = await self._agentstore_queue("batch_create_tasks", result)
+        mine = {"claim_jobs_per_s": claims.extra["cycles_per_s"], "bulk_rows_per_s": batches.extra["rows_per_s"]}
+        peers = []
+        for peer in PEERS:
+            log(f"  {peer.name}: claim -> complete with {WORKERS} workers, then bulk insert")
+            found = await run_peer(
+                peer,
+                self.backends.admin_url,
+                self.tag,
+                duration=self.opts.duration,
+                warmup=self.opts.warmup,
+                prefix=self.pinning.server_prefix(),
+            )
+            if found.status == "ok":
+                log(
+                    f"  {peer.name} {found.version}: {found.claim_jobs_per_s:,.0f} jobs/s, "
+                    f"{found.bulk_rows_per_s:,.0f} rows/s"
+                )
+            else:
+                log(f"  {peer.name}: {found.status.upper()} ({found.reason})")
+            peers.append(found)
+        for found in peers:
+            if found.status != "ok":
+                result.notes.append(f"{found.name} {found.status}: {found.reason}")
+                continue
+            claim = mine["claim_jobs_per_s"] / found.claim_jobs_per_s if found.claim_jobs_per_s else None
+            bulk = mine["bulk_rows_per_s"] / found.bulk_rows_per_s if found.bulk_rows_per_s else None
+            found.raw["ratios"] = {"claim_complete": claim, "batch_create_tasks": bulk}
+            result.notes.append(
+                f"vs {found.name}: claim_complete {claim or 0:.2f}x, batch_create_tasks {bulk or 0:.2f}x"
+            )
+            if found.drained_early:
+                result.notes.append(
+                    f"{found.name} ran out of jobs before the window ended: its jobs/s is a lower bound"
+                )
+        result.extra["queue_peers"] = {
+            "workers": WORKERS,
+            "rows_per_call": PEER_BATCH,
+            "agentstore": mine,
+            "peers": [found.to_json() for found in peers],
+        }
 
     async def _memory(self, result: ScenarioResult) -> None:
         first, second = self.opts.memory_requests

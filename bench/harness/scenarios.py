@@ -39,6 +39,12 @@ SCENARIOS: dict[str, Scenario] = {
             "BatchCreateTasks of 1,000 small tasks per call (rows/s too)",
             (("TaskService", "BatchCreateTasks"),),
         ),
+        Scenario(
+            "queue_peers",
+            "Graphile Worker and Procrastinate on the same PostgreSQL: claim -> complete jobs/s (8 workers) and "
+            "bulk insert rows/s (1,000 per call), agentstore's ratio to each",
+            (("TaskService", "ClaimTask"), ("TaskService", "CompleteTask"), ("TaskService", "BatchCreateTasks")),
+        ),
         Scenario("mixed", "90% GetAgent / 10% UpdateAgent over 100,000 agents, keys Zipf(1.1); also vs naive"),
         Scenario("watch_fanout", "WatchEvents to 50 watchers", (("EventService", "WatchEvents"),)),
         Scenario(
@@ -62,6 +68,7 @@ IMPLEMENTED = {
     "update_etag",
     "claim_complete",
     "batch_create_tasks",
+    "queue_peers",
     "mixed",
     "memory",
 }

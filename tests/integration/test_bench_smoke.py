@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 
 from tests.conftest import Servers
@@ -30,13 +31,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def bench_python() -> Path:
-    """bench/.venv/bin/python, built by the Makefile like `make bench` builds it."""
+    """bench/.venv/bin/python (and the Node queue peer, when npm is there), built as `make bench` builds them."""
     done = subprocess.run(
-        ["make", "--no-print-directory", "-s", "bench-venv"], cwd=REPO, capture_output=True, text=True, check=False
+        ["make", "--no-print-directory", "-s", "bench-venv", "bench-peers"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     python = REPO / "bench" / ".venv" / "bin" / "python"
     if done.returncode != 0 or not python.exists():
-        pytest.fail(f"`make bench-venv` failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        pytest.fail(
+            f"`make bench-venv bench-peers` failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return python
 
 
@@ -63,6 +70,16 @@ def run_bench(bench_python: Path, servers: Servers, out: Path, *args: str) -> di
     doc: dict[str, Any] = json.loads(stamped[0].read_text())
     assert json.loads((out / "latest.json").read_text()) == doc
     return doc
+
+
+def bench_databases(admin_url: str, run_id: str) -> list[str]:
+    con = psycopg2.connect(admin_url)
+    try:
+        with con.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"agentstore_bench_{run_id}%",))
+            return [row[0] for row in cur.fetchall()]
+    finally:
+        con.close()
 
 
 def check_measured(row: dict[str, Any]) -> None:
@@ -220,3 +237,39 @@ def test_bench_same_rate(bench_python: Path, servers: Servers, tmp_path: Path) -
     assert any(note.startswith("p99 ") and "over echo at 80 RPC/s" in note for note in row["notes"]), row["notes"]
     assert "latency at the same offered load" in doc["table"]
     assert not doc["problems"]
+
+
+def test_bench_queue_peers(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(bench_python, servers, tmp_path, "--scenario", "queue_peers", "--no-references", "--no-chart")
+    [row] = doc["scenarios"]
+    assert row["status"] == "ok", row
+    peers_doc = row["extra"]["queue_peers"]
+    # agentstore's side: the claim_complete and batch_create_tasks scenarios, run here since the
+    # run did not include them.
+    assert peers_doc["agentstore"]["claim_jobs_per_s"] > 0
+    assert peers_doc["agentstore"]["bulk_rows_per_s"] > 0
+    assert sum("measured by queue_peers" in note for note in row["notes"]) == 2, row["notes"]
+    peers = {peer["name"]: peer for peer in peers_doc["peers"]}
+    assert list(peers) == ["Graphile Worker", "Procrastinate"]
+    # Procrastinate is in the bench's own environment; Graphile Worker needs node and npm, and
+    # without them is reported as skipped with the reason, never dropped.
+    expected = {
+        "Procrastinate": "ok",
+        "Graphile Worker": "ok" if shutil.which("npm") and shutil.which("node") else "skipped",
+    }
+    for name, peer in peers.items():
+        assert peer["status"] == expected[name], peer
+        if peer["status"] == "skipped":
+            assert peer["reason"], peer
+            assert any(note.startswith(f"{name} skipped: ") for note in row["notes"]), row["notes"]
+            continue
+        assert peer["version"]
+        assert peer["claim_jobs_per_s"] > 0 and peer["bulk_rows_per_s"] > 0, peer
+        assert peer["raw"]["claim_complete"]["jobs"] > 0
+        assert peer["raw"]["bulk_insert"]["rows"] % 1000 == 0 and peer["raw"]["bulk_insert"]["rows"] > 0
+        assert peer["raw"]["ratios"]["claim_complete"] > 0 and peer["raw"]["ratios"]["batch_create_tasks"] > 0
+        assert any(note.startswith(f"vs {name}: ") for note in row["notes"]), row["notes"]
+    assert "queue peers" in doc["table"]
+    assert not doc["problems"]
+    # Every scratch database of the run, the peers' included, is gone again.
+    assert bench_databases(servers.admin_url, doc["run_id"]) == []
