@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/agentstore/v1/*.proto)
 
-.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv bench-peers bench-callgrind h2load
+.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv bench-peers bench-callgrind bench-profile-claims h2load
 
 # The benchmark's own environment (bench/pyproject.toml): the server from this checkout with its
 # runtime dependencies only, plus the harness and its tools. Never the service's `dev` extra.
@@ -45,6 +45,10 @@ bench: bench-venv bench-peers h2load
 ## bench-callgrind: instructions per GetAgent (L1 hit, L2 hit, echo) in the server process, by callgrind
 bench-callgrind: bench-venv
 	$(BENCH_BIN)/python -m harness.callgrind $(ARGS)
+
+## bench-profile-claims: where a claim_complete cycle goes (py-spy, statements, pg_stat_statements, WAL, Redis)
+bench-profile-claims: bench-venv
+	$(BENCH_BIN)/python -m harness.profile_claims $(ARGS)
 
 $(BENCH_STAMP): pyproject.toml bench/pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
