@@ -170,9 +170,9 @@ def redis_commands(url: str) -> Counter[str]:
 
 
 def collapse_stacks(path: Path) -> tuple[Counter[str], Counter[str], int]:
-    """py-spy raw output (`frame;frame;... count`): inclusive and self samples per frame, and the total."""
+    """py-spy raw output (`root;...;leaf count`): inclusive and leaf samples per frame, and the total."""
     inclusive: Counter[str] = Counter()
-    own: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
@@ -181,21 +181,45 @@ def collapse_stacks(path: Path) -> tuple[Counter[str], Counter[str], int]:
         count = int(n)
         total += count
         frames = [f for f in stack.split(";") if f]
-        for frame in set(frames[1:]):  # the first is the thread
+        for frame in set(frames):
             inclusive[frame] += count
-        if len(frames) > 1:
-            own[frames[-1]] += count
-    return inclusive, own, total
+        if frames:
+            leaf[frames[-1]] += count
+    return inclusive, leaf, total
+
+
+def frame_path(frame: str) -> str:
+    return frame.partition(" (")[2].rstrip(")").rsplit(":", 1)[0]
 
 
 def short_frame(frame: str) -> str:
     """`func (path/to/module.py:123)` -> `func (module.py)`: lines differ, functions add up."""
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")")
-    path = where.rsplit(":", 1)[0]
+    path = frame_path(frame)
     marker = next((m for m in ("agentstore/", "site-packages/", "lib/python3") if m in path), None)
-    short = path.split(marker, 1)[1] if marker else path
-    return f"{name} ({short})"
+    return f"{frame.partition(' (')[0]} ({path.split(marker, 1)[1] if marker else path})"
+
+
+# Where the leaf frame of a sample lives, most specific first: the server's CPU by component.
+LEAF_OWNERS = (
+    ("Thread.run (", "gRPC's poller thread (C core, no Python frame)"),
+    ("Runner.run (", "event loop in C: uvloop and grpc.aio callbacks (no Python frame)"),
+    ("run (uvloop", "event loop in C: uvloop and grpc.aio callbacks (no Python frame)"),
+    ("asyncpg/", "asyncpg (statements: encode, send, decode)"),
+    ("redis/", "redis-py (cache writes, invalidations)"),
+    ("protobuf/", "protobuf (messages, JSON of audit rows)"),
+    ("prometheus_client/", "prometheus_client (metrics)"),
+    ("grpc/", "grpc (Python side)"),
+)
+
+
+def leaf_owner(frame: str) -> str:
+    path = frame_path(frame)
+    for marker, owner in LEAF_OWNERS:
+        if frame.startswith(marker) or marker in path:
+            return owner
+    if "agentstore/" in path:
+        return "agentstore/" + path.split("agentstore/", 1)[1]
+    return "Python stdlib: " + path.rsplit("/", 1)[-1] if path else "other"
 
 
 class ProfilingBench(Bench):
@@ -292,20 +316,19 @@ def summarize(profile: dict[str, Any]) -> dict[str, Any]:
             }
         )
     frames: list[dict[str, Any]] = []
-    own_frames: list[dict[str, Any]] = []
+    owners: list[dict[str, Any]] = []
     samples = 0
     if profile["stacks"] is not None:
-        inclusive, own, samples = collapse_stacks(profile["stacks"])
+        inclusive, leaves, samples = collapse_stacks(profile["stacks"])
         merged: Counter[str] = Counter()
-        merged_own: Counter[str] = Counter()
+        by_owner: Counter[str] = Counter()
         for frame, n in inclusive.items():
             merged[short_frame(frame)] = max(merged[short_frame(frame)], n)
-        for frame, n in own.items():
-            merged_own[short_frame(frame)] += n
-        frames = [{"frame": f, "share": n / samples} for f, n in merged.most_common(TOP_FRAMES)] if samples else []
-        own_frames = (
-            [{"frame": f, "share": n / samples} for f, n in merged_own.most_common(TOP_FRAMES)] if samples else []
-        )
+        for frame, n in leaves.items():
+            by_owner[leaf_owner(frame)] += n
+        if samples:
+            frames = [{"frame": f, "share": n / samples} for f, n in merged.most_common(TOP_FRAMES)]
+            owners = [{"owner": o, "share": n / samples} for o, n in by_owner.most_common()]
     wal = profile["wal"]
     span = profile["span_s"]
     return {
@@ -335,7 +358,7 @@ def summarize(profile: dict[str, Any]) -> dict[str, Any]:
         "statements": statement_rows,
         "py_spy_samples": samples,
         "py_spy_inclusive": frames,
-        "py_spy_self": own_frames,
+        "py_spy_by_leaf_owner": owners,
     }
 
 
@@ -362,10 +385,10 @@ def render(s: dict[str, Any]) -> str:
             f"{r['calls_per_cycle']:>11.2f}  {r['mean_ms']:>8.3f}  {r['ms_per_cycle']:>8.3f}  "
             f"{r['rows_per_call']:>6.1f}  {r['wal_records_per_cycle']:>7.1f}  {r['query']}"
         )
-    lines += ["", f"py-spy of the server ({s['py_spy_samples']:,} non-idle samples): inclusive share, top frames"]
+    lines += ["", f"py-spy of the server ({s['py_spy_samples']:,} busy samples): inclusive share, top frames"]
     lines += [f"{f['share']:>7.1%}  {f['frame']}" for f in s["py_spy_inclusive"]]
-    lines += ["", "py-spy self share (the frame on top of the stack)"]
-    lines += [f"{f['share']:>7.1%}  {f['frame']}" for f in s["py_spy_self"]]
+    lines += ["", "py-spy: where the samples' top frame lives (shares of the server's busy samples)"]
+    lines += [f"{f['share']:>7.1%}  {f['owner']}" for f in s["py_spy_by_leaf_owner"] if f["share"] >= 0.002]
     return "\n".join(lines)
 
 
