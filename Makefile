@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/agentstore/v1/*.proto)
 
-.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv bench-peers bench-callgrind bench-profile-claims h2load
+.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench bench-venv bench-peers bench-callgrind bench-profile-claims h2load valgrind
 
 # The benchmark's own environment (bench/pyproject.toml): the server from this checkout with its
 # runtime dependencies only, plus the harness and its tools. Never the service's `dev` extra.
@@ -43,7 +43,7 @@ bench: bench-venv bench-peers h2load
 	$(BENCH_BIN)/python -m harness $(ARGS)
 
 ## bench-callgrind: instructions per GetAgent (L1 hit, L2 hit, echo) in the server process, by callgrind
-bench-callgrind: bench-venv
+bench-callgrind: bench-venv valgrind
 	$(BENCH_BIN)/python -m harness.callgrind $(ARGS)
 
 ## bench-profile-claims: where a claim_complete cycle goes (py-spy, statements, pg_stat_statements, WAL, Redis)
@@ -96,3 +96,12 @@ protos: venv
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
+
+valgrind:
+	@command -v callgrind_control >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing valgrind: apt-get install -y valgrind"; \
+	    apt-get install -y -q valgrind >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q valgrind >/dev/null; }; \
+	  else \
+	    echo "valgrind missing: install it (apt-get install valgrind) for make bench-callgrind"; \
+	  fi; }

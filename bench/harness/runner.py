@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import secrets
@@ -939,8 +940,8 @@ class Bench:
                     run = SameRate(label, float(rate), rate / self.opts.connections)
                     try:
                         run.measurement = await self.steady(
-                            lambda s=server, c=fixed, r=run: self.measure_fixed(
-                                s, c, rps_per_connection=r.rps_per_connection
+                            functools.partial(
+                                self.measure_fixed, server, fixed, rps_per_connection=run.rps_per_connection
                             ),
                             f"{label} at {rate:,} RPC/s",
                         )
