@@ -15,13 +15,16 @@ import asyncio
 import importlib.util
 import json
 import math
+import resource
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import asyncpg
+import psutil
 
 from harness.environment import BENCH_DIR, replace_dsn
 
@@ -71,10 +74,57 @@ class PeerResult:
     claim_jobs_per_s: float | None = None
     bulk_rows_per_s: float | None = None
     drained_early: bool = False
+    # Over the peer's whole run (100 = one core): the peer's process, every PostgreSQL process, and
+    # the rest of the machine, i.e. other work: noise, as in the scenario tables' "other CPU %".
+    cpu_percent: float | None = None
+    db_cpu_percent: float | None = None
+    other_cpu_percent: float | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class CpuWindow:
+    """CPU used while a child process runs: the child (once reaped), PostgreSQL, and everything else."""
+
+    def __init__(self) -> None:
+        self._postgres = [p for p in psutil.process_iter(["name"]) if p.info.get("name") in ("postgres", "postmaster")]
+        self._t0 = time.perf_counter()
+        self._host0 = self._host_busy()
+        self._children0 = self._children()
+        self._db0 = self._db()
+
+    @staticmethod
+    def _host_busy() -> float:
+        t = psutil.cpu_times()
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+    @staticmethod
+    def _children() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def _db(self) -> float:
+        total = 0.0
+        for proc in self._postgres:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def stop(self, result: PeerResult) -> None:
+        elapsed = time.perf_counter() - self._t0
+        if elapsed <= 0:
+            return
+        child = self._children() - self._children0
+        db = self._db() - self._db0
+        host = self._host_busy() - self._host0
+        result.cpu_percent = child / elapsed * 100
+        result.db_cpu_percent = db / elapsed * 100
+        result.other_cpu_percent = max(0.0, host - child - db) / elapsed * 100
 
 
 def prefill_for(peer: Peer, warmup: float, duration: float) -> int:
@@ -105,6 +155,7 @@ async def run_peer(
         "inflight": INFLIGHT,
         "prefill": prefill_for(peer, warmup, duration),
     }
+    window = CpuWindow()
     try:
         proc = await asyncio.create_subprocess_exec(
             *prefix,
@@ -131,7 +182,7 @@ async def run_peer(
             await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         finally:
             await admin.close()
-    return PeerResult(
+    result = PeerResult(
         peer.name,
         "ok",
         version=doc["version"],
@@ -140,3 +191,5 @@ async def run_peer(
         drained_early=bool(doc["claim_complete"]["drained_early"]),
         raw=doc,
     )
+    window.stop(result)
+    return result

@@ -321,14 +321,16 @@ def queue_peers_table(bench: Bench) -> str | None:
         "agentstore / it",
         "bulk rows/s",
         "agentstore / it",
+        "other CPU %",
         "notes",
     ]
+    other = "/".join(_num(mine.get(k)) for k in ("claim_other_cpu_percent", "bulk_other_cpu_percent"))
     rows = [
-        ["agentstore", "this code", _num(mine["claim_jobs_per_s"]), "—", _num(mine["bulk_rows_per_s"]), "—", ""],
+        ["agentstore", "this code", _num(mine["claim_jobs_per_s"]), "—", _num(mine["bulk_rows_per_s"]), "—", other, ""],
     ]
     for peer in doc["peers"]:
         if peer["status"] != "ok":
-            rows.append([peer["name"], "—", peer["status"].upper(), "—", "—", "—", peer["reason"] or ""])
+            rows.append([peer["name"], "—", peer["status"].upper(), "—", "—", "—", "—", peer["reason"] or ""])
             continue
         ratios = peer["raw"].get("ratios", {})
         note = "ran out of jobs early: jobs/s is a lower bound" if peer["drained_early"] else ""
@@ -340,10 +342,11 @@ def queue_peers_table(bench: Bench) -> str | None:
                 _ratio(ratios.get("claim_complete")),
                 _num(peer["bulk_rows_per_s"]),
                 _ratio(ratios.get("batch_create_tasks")),
+                _num(peer.get("other_cpu_percent")),
                 note,
             ]
         )
-    return _render(headers, rows, right={2, 3, 4, 5})
+    return _render(headers, rows, right={2, 3, 4, 5, 6})
 
 
 def header_lines(bench: Bench) -> list[str]:
@@ -394,7 +397,8 @@ def full_text(bench: Bench) -> str:
         parts += [
             "",
             "queue peers (same PostgreSQL, own scratch databases; claim -> complete: 8 workers, no-op handler; "
-            "bulk insert: 1,000 rows per call, 4 calls in flight; agentstore = claim_complete and batch_create_tasks):",
+            "bulk insert: 1,000 rows per call, 4 calls in flight; agentstore = claim_complete and batch_create_tasks; "
+            "other CPU % = other work on the machine during agentstore's claim/bulk runs and a peer's whole run):",
             peers,
         ]
     if bench.problems:

@@ -1188,7 +1188,13 @@ class Bench:
         assert self.backends is not None
         claims = await self._agentstore_queue("claim_complete", result)
         batches = await self._agentstore_queue("batch_create_tasks", result)
-        mine = {"claim_jobs_per_s": claims.extra["cycles_per_s"], "bulk_rows_per_s": batches.extra["rows_per_s"]}
+        assert claims.measurement is not None and batches.measurement is not None
+        mine = {
+            "claim_jobs_per_s": claims.extra["cycles_per_s"],
+            "bulk_rows_per_s": batches.extra["rows_per_s"],
+            "claim_other_cpu_percent": claims.measurement.usage.other_cpu_percent,
+            "bulk_other_cpu_percent": batches.measurement.usage.other_cpu_percent,
+        }
         peers = []
         for peer in PEERS:
             log(f"  {peer.name}: claim -> complete with {WORKERS} workers, then bulk insert")

@@ -265,6 +265,7 @@ def test_bench_queue_peers(bench_python: Path, servers: Servers, tmp_path: Path)
             continue
         assert peer["version"]
         assert peer["claim_jobs_per_s"] > 0 and peer["bulk_rows_per_s"] > 0, peer
+        assert peer["cpu_percent"] > 0 and peer["other_cpu_percent"] is not None, peer
         assert peer["raw"]["claim_complete"]["jobs"] > 0
         assert peer["raw"]["bulk_insert"]["rows"] % 1000 == 0 and peer["raw"]["bulk_insert"]["rows"] > 0
         assert peer["raw"]["ratios"]["claim_complete"] > 0 and peer["raw"]["ratios"]["batch_create_tasks"] > 0
