@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.scenarios import DEFAULT_SCENARIOS, SCENARIOS
@@ -36,6 +36,8 @@ class Options:
     noise_retries: int
     half_rate: bool = True
     same_rates: tuple[int, ...] = SAME_RATES
+    # Extra settings of every `agentstore serve` the run starts (A/B runs of a setting).
+    server_env: dict[str, str] = field(default_factory=dict)
 
 
 def _positive_int(text: str) -> int:
@@ -161,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=SAME_RATES,
         help="offered rates (RPC/s, all connections together) of the same_rate scenario (default 1000,2000,3000)",
     )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra setting of every agentstore server, e.g. AGENTSTORE_LEASE_SWEEP_INTERVAL_SECONDS=0 (repeatable)",
+    )
     return parser
 
 
@@ -175,6 +184,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         parser.error("--duration must be positive")
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
     return Options(
         scenarios=scenarios,
         duration=args.duration,
@@ -196,4 +207,5 @@ def parse_options(argv: Sequence[str]) -> Options:
         noise_retries=max(0, args.noise_retries),
         half_rate=args.half_rate,
         same_rates=args.same_rates,
+        server_env=dict(item.split("=", 1) for item in args.server_env),
     )

@@ -357,6 +357,7 @@ def header_lines(bench: Bench) -> list[str]:
         f"{o.agents:,} agents seeded, server DB pool {o.pool_size}",
         f"generator: {bench.generator_note}; {python_gen}; h2load -c {o.connections} -m {o.streams}",
         f"pinning: {bench.pinning.note}",
+        *([f"server settings added: {' '.join(f'{k}={v}' for k, v in o.server_env.items())}"] if o.server_env else []),
         f"backends: {bench.backends.description if bench.backends else '—'}",
         "CPU % is the server process alone; PG+Redis, gen(erator) and other (anything else on the machine: "
         "noise) are CPU % over the same window, 100 = one core",
@@ -447,6 +448,7 @@ def document(bench: Bench, started: datetime, text: str) -> dict[str, Any]:
             "half_rate": o.half_rate,
             "half_rate_fraction": HALF_RATE_FRACTION,
             "same_rates": list(o.same_rates),
+            "server_env": o.server_env,
         },
         "generator": {
             "fixed_requests": "h2load" if bench.h2load else "python",

@@ -470,6 +470,7 @@ class Bench:
                 "AGENTSTORE_REFLECTION_ENABLED": "false",
             }
         )
+        env.update(self.opts.server_env)
         env.update(overrides)
         argv = [*self.pinning.server_prefix(), *wrapper, sys.executable, "-m", "agentstore", "serve"]
         process = ManagedProcess(f"agentstore serve ({label})", argv, env, self.workdir / f"agentstore-{label}.log")
