@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     m_sub.add_parser("list", help="list migrations: A applied, U unapplied")
     new = m_sub.add_parser("new", help="create NNNN_name.sql and its rollback")
     new.add_argument("name", nargs="+")
-    # Listed for --help only: main() hands `bench ...` to agentstore.benchmark before parsing.
-    sub.add_parser("bench", help="benchmark against the echo and naive reference servers (bench/README.md)")
+    # Listed for --help only: main() answers `bench ...` before parsing.
+    sub.add_parser("bench", help="moved: run `make bench` in a checkout (bench/README.md)")
     t = sub.add_parser("tenants", help="bootstrap tenants")
     t_sub = t.add_subparsers(dest="action", required=True)
     create = t_sub.add_parser("create", help="create a tenant and print its first admin API key")
@@ -128,10 +128,8 @@ COMMANDS = {"serve": cmd_serve, "dev": cmd_dev, "migrate": cmd_migrate, "tenants
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        # The harness has its own options (agentstore bench --help).
-        from agentstore.benchmark import main as bench_main
-
-        return bench_main(argv[1:])
+        # The harness is not part of the package: it lives in bench/ of a checkout, with its own venv.
+        return _fail("the benchmark needs a checkout of the repository: run `make bench` there (bench/README.md)")
     args = build_parser().parse_args(argv)
     settings = load_settings()
     configure_logging(settings.log_level)

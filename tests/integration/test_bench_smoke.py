@@ -5,24 +5,49 @@ runnable scenario without errors and reports the scenarios whose RPCs do not exi
 The task scenarios (claim_complete, batch_create_tasks) run agentstore alone, without references.
 Without h2load on the machine the fixed-request scenario falls back to the Python generator, so
 the first test passes either way; the second forces that fallback.
+
+The harness is not part of the package: it runs from bench/ in its own environment
+(bench/.venv), which the `bench_python` fixture builds through `make bench-venv` (a no-op when
+it is up to date), exactly as `make bench` runs it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 
-from agentstore.benchmark import main
 from tests.conftest import Servers
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
 
-def run_bench(servers: Servers, out: Path, *args: str) -> dict[str, Any]:
+
+@pytest.fixture(scope="session")
+def bench_python() -> Path:
+    """bench/.venv/bin/python (and the Node queue peer, when npm is there), built as `make bench` builds them."""
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-s", "bench-venv", "bench-peers"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    python = REPO / "bench" / ".venv" / "bin" / "python"
+    if done.returncode != 0 or not python.exists():
+        pytest.fail(
+            f"`make bench-venv bench-peers` failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    return python
+
+
+def run_bench(bench_python: Path, servers: Servers, out: Path, *args: str) -> dict[str, Any]:
     argv = [
         "--duration", "1",
         "--warmup", "0.2",
@@ -36,12 +61,25 @@ def run_bench(servers: Servers, out: Path, *args: str) -> dict[str, Any]:
         "--output-dir", str(out),
         *args,
     ]  # fmt: skip
-    assert main(argv) == 0
+    done = subprocess.run(
+        [str(bench_python), "-m", "harness", *argv], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     stamped = [p for p in out.glob("*.json") if p.name != "latest.json"]
     assert len(stamped) == 1, list(out.iterdir())
     doc: dict[str, Any] = json.loads(stamped[0].read_text())
     assert json.loads((out / "latest.json").read_text()) == doc
     return doc
+
+
+def bench_databases(admin_url: str, run_id: str) -> list[str]:
+    con = psycopg2.connect(admin_url)
+    try:
+        with con.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"agentstore_bench_{run_id}%",))
+            return [row[0] for row in cur.fetchall()]
+    finally:
+        con.close()
 
 
 def check_measured(row: dict[str, Any]) -> None:
@@ -52,9 +90,17 @@ def check_measured(row: dict[str, Any]) -> None:
     assert row["server_cpu_percent"] is not None and row["server_peak_rss_mib"] > 0, row
 
 
-def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
+def test_bench_runs_and_reports(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
     doc = run_bench(
-        servers, tmp_path, "--scenario", "get_uncached", "--scenario", "create", "--scenario", "watch_fanout"
+        bench_python,
+        servers,
+        tmp_path,
+        "--scenario",
+        "get_uncached",
+        "--scenario",
+        "create",
+        "--scenario",
+        "watch_fanout",
     )
     rows = {row["name"]: row for row in doc["scenarios"]}
     assert list(rows) == ["get_uncached", "create", "watch_fanout"]
@@ -106,8 +152,10 @@ def test_bench_runs_and_reports(servers: Servers, tmp_path: Path) -> None:
     assert not doc["problems"]
 
 
-def test_bench_python_generator_fallback(servers: Servers, tmp_path: Path) -> None:
-    doc = run_bench(servers, tmp_path, "--scenario", "get_uncached", "--generator", "python", "--no-references")
+def test_bench_python_generator_fallback(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(
+        bench_python, servers, tmp_path, "--scenario", "get_uncached", "--generator", "python", "--no-references"
+    )
     assert doc["generator"]["fixed_requests"] == "python"
     [row] = doc["scenarios"]
     check_measured(row)
@@ -118,8 +166,9 @@ def test_bench_python_generator_fallback(servers: Servers, tmp_path: Path) -> No
     assert "h2load" in row["half_saturation"]["error"]
 
 
-def test_bench_task_scenarios(servers: Servers, tmp_path: Path) -> None:
+def test_bench_task_scenarios(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
     doc = run_bench(
+        bench_python,
         servers,
         tmp_path,
         "--scenario", "claim_complete",
@@ -153,8 +202,8 @@ def test_bench_task_scenarios(servers: Servers, tmp_path: Path) -> None:
     assert not doc["problems"]
 
 
-def test_bench_mixed_with_warm_caches(servers: Servers, tmp_path: Path) -> None:
-    doc = run_bench(servers, tmp_path, "--scenario", "mixed", "--no-chart")
+def test_bench_mixed_with_warm_caches(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(bench_python, servers, tmp_path, "--scenario", "mixed", "--no-chart")
     [row] = doc["scenarios"]
     check_measured(row)
     assert row["generator"] == "python"
@@ -165,3 +214,63 @@ def test_bench_mixed_with_warm_caches(servers: Servers, tmp_path: Path) -> None:
     refs = {ref["id"]: ref for ref in doc["references"]}
     assert row["naive_reference"] in refs and row["echo_reference"] in refs
     assert row["ratio_vs_naive"] > 0
+
+
+def test_bench_same_rate(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(bench_python, servers, tmp_path, "--scenario", "same_rate", "--same-rates", "40,80", "--no-chart")
+    [row] = doc["scenarios"]
+    if not shutil.which("h2load"):
+        # It needs h2load's --rps; without it the scenario says so instead of measuring something else.
+        assert row["status"] == "skipped" and "h2load" in row["notes"][0], row
+        return
+    check_measured(row)
+    runs = row["extra"]["same_rate"]
+    # Per rate, agentstore, agentstore with its access log, and echo, one after the other.
+    assert [(r["offered_rpc_per_s"], r["server"]) for r in runs] == [
+        (rate, server) for rate in (40, 80) for server in ("agentstore", "agentstore, access log on", "echo")
+    ]
+    for run in runs:
+        assert run["status"] == "ok" and run["errors"] == 0, run
+        assert run["p50_ms"] is not None and run["p90_ms"] is not None and run["p99_ms"] is not None, run
+        assert "--rps=" in run["measurement"]["extra"]["h2load_command"]
+        assert run["rps_per_connection"] == run["offered_rpc_per_s"] / 2  # --connections 2
+    assert any(note.startswith("p99 ") and "over echo at 80 RPC/s" in note for note in row["notes"]), row["notes"]
+    assert "latency at the same offered load" in doc["table"]
+    assert not doc["problems"]
+
+
+def test_bench_queue_peers(bench_python: Path, servers: Servers, tmp_path: Path) -> None:
+    doc = run_bench(bench_python, servers, tmp_path, "--scenario", "queue_peers", "--no-references", "--no-chart")
+    [row] = doc["scenarios"]
+    assert row["status"] == "ok", row
+    peers_doc = row["extra"]["queue_peers"]
+    # agentstore's side: the claim_complete and batch_create_tasks scenarios, run here since the
+    # run did not include them.
+    assert peers_doc["agentstore"]["claim_jobs_per_s"] > 0
+    assert peers_doc["agentstore"]["bulk_rows_per_s"] > 0
+    assert sum("measured by queue_peers" in note for note in row["notes"]) == 2, row["notes"]
+    peers = {peer["name"]: peer for peer in peers_doc["peers"]}
+    assert list(peers) == ["Graphile Worker", "Procrastinate"]
+    # Procrastinate is in the bench's own environment; Graphile Worker needs node and npm, and
+    # without them is reported as skipped with the reason, never dropped.
+    expected = {
+        "Procrastinate": "ok",
+        "Graphile Worker": "ok" if shutil.which("npm") and shutil.which("node") else "skipped",
+    }
+    for name, peer in peers.items():
+        assert peer["status"] == expected[name], peer
+        if peer["status"] == "skipped":
+            assert peer["reason"], peer
+            assert any(note.startswith(f"{name} skipped: ") for note in row["notes"]), row["notes"]
+            continue
+        assert peer["version"]
+        assert peer["claim_jobs_per_s"] > 0 and peer["bulk_rows_per_s"] > 0, peer
+        assert peer["cpu_percent"] > 0 and peer["other_cpu_percent"] is not None, peer
+        assert peer["raw"]["claim_complete"]["jobs"] > 0
+        assert peer["raw"]["bulk_insert"]["rows"] % 1000 == 0 and peer["raw"]["bulk_insert"]["rows"] > 0
+        assert peer["raw"]["ratios"]["claim_complete"] > 0 and peer["raw"]["ratios"]["batch_create_tasks"] > 0
+        assert any(note.startswith(f"vs {name}: ") for note in row["notes"]), row["notes"]
+    assert "queue peers" in doc["table"]
+    assert not doc["problems"]
+    # Every scratch database of the run, the peers' included, is gone again.
+    assert bench_databases(servers.admin_url, doc["run_id"]) == []

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,15 +22,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import psutil
 
-from agentstore import migrate
-from agentstore.benchmark.stats import Usage
-from agentstore.dsn import replace_dsn
+from harness.stats import Usage
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+BENCH_DIR = Path(__file__).resolve().parents[1]
+REPO_ROOT = BENCH_DIR.parent
 
 
 def free_port() -> int:
@@ -38,18 +39,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def find_migrations() -> Path:
-    for candidate in (Path.cwd() / "migrations", REPO_ROOT / "migrations"):
-        if (candidate / "0001_foundation.sql").is_file():
-            return candidate
-    raise RuntimeError("no migrations directory found (run from the repository, or set AGENTSTORE_MIGRATIONS_DIR)")
+def replace_dsn(url: str, *, user: str | None = None, password: str | None = None, database: str | None = None) -> str:
+    """The same PostgreSQL server as another user or database."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        userinfo, hostport = "", parts.netloc
+    old_user, _, old_password = userinfo.partition(":")
+    new_user = quote(user, safe="") if user is not None else old_user
+    new_password = quote(password, safe="") if password is not None else old_password
+    netloc = parts.netloc
+    if new_user:
+        netloc = new_user + (f":{new_password}" if new_password else "") + f"@{hostport}"
+    path = f"/{quote(database, safe='')}" if database is not None else parts.path
+    return urlunsplit(parts._replace(netloc=netloc, path=path))
 
 
-def find_bench_dir() -> Path:
-    for candidate in (Path.cwd() / "bench", REPO_ROOT / "bench"):
-        if (candidate / "echo_server.py").is_file():
-            return candidate
-    raise RuntimeError("bench/echo_server.py not found: run from the agentstore repository")
+def apply_migrations(owner_url: str) -> None:
+    """`agentstore migrate apply` as the schema owner: the harness uses the product's commands, not its modules."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTORE_")}
+    env["AGENTSTORE_MIGRATIONS_DATABASE_URL"] = owner_url
+    env["AGENTSTORE_MIGRATIONS_DIR"] = str(REPO_ROOT / "migrations")
+    done = subprocess.run(
+        [sys.executable, "-m", "agentstore", "migrate", "apply"], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"agentstore migrate apply failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
 
 # ------------------------------------------------------------------------------ external servers
@@ -72,6 +87,7 @@ class Backends:
         parts: list[str] = []
         try:
             if not admin_url or not redis_url:
+                # Without URLs, the embedded servers of `agentstore dev` (the `embedded` extra).
                 from agentstore.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 
                 tmp = tempfile.mkdtemp(prefix="agentstore-bench-")
@@ -131,7 +147,7 @@ class ScratchDatabase:
             db.created_role = True
         finally:
             await con.close()
-        await asyncio.to_thread(migrate.apply, owner_url, find_migrations())
+        await asyncio.to_thread(apply_migrations, owner_url)
         con = await asyncpg.connect(owner_url)
         try:
             await con.execute(f"GRANT agentstore_app TO {role}")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentstore.benchmark.stats import Latencies
+from harness.stats import Latencies
 
 
 def grpc_frame(message: bytes) -> bytes:

@@ -1,23 +1,17 @@
-"""`agentstore bench` arguments."""
+"""The harness's command-line options (`make bench ARGS=...`, `python -m harness --help`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentstore.benchmark.scenarios import DEFAULT_SCENARIOS, SCENARIOS
+from harness.scenarios import DEFAULT_SCENARIOS, SCENARIOS
+from harness.stats import SAME_RATES
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-def default_output_dir() -> Path:
-    for base in (Path.cwd(), REPO_ROOT):
-        if (base / "bench").is_dir():
-            return base / "bench" / "results"
-    return Path.cwd() / "bench" / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
 @dataclass
@@ -41,6 +35,9 @@ class Options:
     chart: bool
     noise_retries: int
     half_rate: bool = True
+    same_rates: tuple[int, ...] = SAME_RATES
+    # Extra settings of every `agentstore serve` the run starts (A/B runs of a setting).
+    server_env: dict[str, str] = field(default_factory=dict)
 
 
 def _positive_int(text: str) -> int:
@@ -60,10 +57,20 @@ def _memory_requests(text: str) -> tuple[int, int]:
     return first, second
 
 
+def _rates(text: str) -> tuple[int, ...]:
+    try:
+        rates = tuple(int(v.replace("_", "")) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected RPC/s values, e.g. 1000,2000,3000") from None
+    if not rates or min(rates) < 1:
+        raise argparse.ArgumentTypeError("every rate must be at least 1 RPC/s")
+    return rates
+
+
 def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(SCENARIOS)
     parser = argparse.ArgumentParser(
-        prog="agentstore bench",
+        prog="python -m harness",
         description=(
             "Benchmark agentstore against reference servers (echo, naive) in a scratch database. "
             "PostgreSQL and Redis come from AGENTSTORE_BENCH_DATABASE_URL (an admin URL that may create "
@@ -149,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the second, rate-limited h2load run of the get_* scenarios at half their saturated RPC/s "
         "(p50/p95/p99 at half saturation; on by default, one extra run per scenario and reference)",
     )
+    parser.add_argument(
+        "--same-rates",
+        metavar="R,R,...",
+        type=_rates,
+        default=SAME_RATES,
+        help="offered rates (RPC/s, all connections together) of the same_rate scenario (default 1000,2000,3000)",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra setting of every agentstore server, e.g. AGENTSTORE_LEASE_SWEEP_INTERVAL_SECONDS=0 (repeatable)",
+    )
     return parser
 
 
@@ -163,6 +184,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         parser.error("--duration must be positive")
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
     return Options(
         scenarios=scenarios,
         duration=args.duration,
@@ -175,7 +198,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         agents=args.agents,
         pool_size=args.pool_size,
         generator=args.generator,
-        output_dir=args.output_dir or default_output_dir(),
+        output_dir=args.output_dir or RESULTS_DIR,
         database_url=args.database_url or os.environ.get("AGENTSTORE_BENCH_DATABASE_URL") or None,
         redis_url=args.redis_url or os.environ.get("AGENTSTORE_BENCH_REDIS_URL") or None,
         references=args.references,
@@ -183,4 +206,6 @@ def parse_options(argv: Sequence[str]) -> Options:
         chart=args.chart,
         noise_retries=max(0, args.noise_retries),
         half_rate=args.half_rate,
+        same_rates=args.same_rates,
+        server_env=dict(item.split("=", 1) for item in args.server_env),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import secrets
@@ -21,7 +22,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,8 +32,18 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentstore.benchmark import h2load as h2
-from agentstore.benchmark.environment import (
+from agentstore.v1 import (
+    agent_pb2,
+    agent_service_pb2,
+    task_pb2,
+    task_service_pb2,
+    tenant_pb2,
+    tenant_service_pb2,
+    tenant_service_pb2_grpc,
+)
+from harness import h2load as h2
+from harness.environment import (
+    BENCH_DIR,
     Backends,
     ManagedProcess,
     Pinning,
@@ -40,12 +51,11 @@ from agentstore.benchmark.environment import (
     UsageSampler,
     clear_redis_prefix,
     drop_quietly,
-    find_bench_dir,
     free_port,
     rss_mib,
 )
-from agentstore.benchmark.options import Options
-from agentstore.benchmark.pyload import (
+from harness.options import Options
+from harness.pyload import (
     BATCH_CREATE_TASKS,
     BATCH_GET_AGENTS,
     CREATE_AGENT,
@@ -62,23 +72,14 @@ from agentstore.benchmark.pyload import (
     run_python_load,
     task_batch,
 )
-from agentstore.benchmark.report import Reference, ScenarioResult, write_report
-from agentstore.benchmark.scenarios import SCENARIOS, skip_reason
-from agentstore.benchmark.stats import HALF_RATE_FRACTION, HalfRate, Measurement, Usage
-from agentstore.config import Settings
-from agentstore.v1 import (
-    agent_pb2,
-    agent_service_pb2,
-    task_pb2,
-    task_service_pb2,
-    tenant_pb2,
-    tenant_service_pb2,
-    tenant_service_pb2_grpc,
-)
+from harness.queue_peers import BATCH as PEER_BATCH
+from harness.queue_peers import PEERS, WORKERS, run_peer
+from harness.report import Reference, ScenarioResult, write_report
+from harness.scenarios import SCENARIOS, skip_reason
+from harness.stats import HALF_RATE_FRACTION, HalfRate, Measurement, SameRate, Usage
 
 LIST_FILTER = 'status = IDLE AND capabilities:"python"'
 LIST_PAGE = 50
-CACHE_FIELDS = ("cache_l1_max_entries", "cache_l1_ttl_seconds", "cache_l2_ttl_seconds")
 CACHE_MODES: dict[str, dict[str, str]] = {
     "get_l1": {
         "AGENTSTORE_CACHE_L1_MAX_ENTRIES": "100000",
@@ -104,10 +105,14 @@ BATCH_INFLIGHT = 4
 # claim_complete fills the queue with this many tasks per second of run (warm-up included)
 # before it starts; a refiller tops it up while the run goes on if it drops below a third.
 QUEUE_TASKS_PER_SECOND = 1000
-QUEUE_POLL_S = 0.25
+QUEUE_POLL_S = 1.0
 TASKS_ONLY_NOTE = "agentstore only: the reference servers have no TaskService, so no ratios"
+# Counted up to a limit: the poll runs on the PostgreSQL under test during the run, and a full
+# count of the growing tasks table every 250 ms cost it ~45 ms each (profile_claims showed it).
 PENDING_TASKS = """
-SELECT count(*) FROM tasks WHERE tenant_id = $1::uuid AND status = 'PENDING' AND required_capabilities = '{}'
+SELECT count(*) FROM (
+    SELECT 1 FROM tasks WHERE tenant_id = $1::uuid AND status = 'PENDING' AND required_capabilities = '{}' LIMIT $2
+) AS pending
 """
 
 SEED_AGENTS = """
@@ -145,10 +150,6 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def cache_settings_available() -> bool:
-    return all(name in Settings.model_fields for name in CACHE_FIELDS)
-
-
 @dataclass
 class FixedCall:
     """One pre-serialized request, and how to tell that its answer is right."""
@@ -162,6 +163,10 @@ class FixedCall:
 
 class VerificationError(Exception):
     pass
+
+
+class ScenarioSkipped(Exception):
+    """The scenario cannot run on this machine (its message says why): reported as SKIPPED."""
 
 
 def check_agent(expected_id: str | None) -> Callable[[bytes], str]:
@@ -441,7 +446,10 @@ class Bench:
     def _base_env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTORE_")}
 
-    async def start_agentstore(self, overrides: dict[str, str], label: str) -> Server:
+    async def start_agentstore(
+        self, overrides: dict[str, str], label: str, *, wrapper: Sequence[str] = (), ready_s: float = 60.0
+    ) -> Server:
+        """`agentstore serve` with the bench's settings; `wrapper` goes before python (e.g. valgrind)."""
         assert self.db is not None and self.backends is not None
         port, metrics_port = free_port(), free_port()
         env = self._base_env()
@@ -462,16 +470,17 @@ class Bench:
                 "AGENTSTORE_REFLECTION_ENABLED": "false",
             }
         )
+        env.update(self.opts.server_env)
         env.update(overrides)
-        argv = [*self.pinning.server_prefix(), sys.executable, "-m", "agentstore", "serve"]
+        argv = [*self.pinning.server_prefix(), *wrapper, sys.executable, "-m", "agentstore", "serve"]
         process = ManagedProcess(f"agentstore serve ({label})", argv, env, self.workdir / f"agentstore-{label}.log")
-        return await self._start(Server(process.name, process, port, metrics_port), health=True)
+        return await self._start(Server(process.name, process, port, metrics_port), health=True, ready_s=ready_s)
 
-    async def _start(self, server: Server, *, health: bool) -> Server:
+    async def _start(self, server: Server, *, health: bool, ready_s: float = 60.0) -> Server:
         server.process.start()
         self.servers.append(server)
         try:
-            await server.wait_ready(health=health)
+            await server.wait_ready(health=health, limit_s=ready_s)
         except BaseException:
             await self.stop_server(server)
             raise
@@ -483,19 +492,23 @@ class Bench:
             self.servers.remove(server)
 
     async def echo_server(self) -> Server:
+        """The echo reference, started once and shared by every scenario."""
         if self.echo is None:
-            port = free_port()
-            script = find_bench_dir() / "echo_server.py"
-            argv = [*self.pinning.server_prefix(), sys.executable, str(script), "--port", str(port)]
-            process = ManagedProcess("echo_server", argv, self._base_env(), self.workdir / "echo.log")
-            self.echo = await self._start(Server("echo", process, port), health=False)
+            self.echo = await self.start_echo()
         return self.echo
+
+    async def start_echo(self, *, wrapper: Sequence[str] = (), ready_s: float = 60.0, label: str = "echo") -> Server:
+        port = free_port()
+        script = BENCH_DIR / "echo_server.py"
+        argv = [*self.pinning.server_prefix(), *wrapper, sys.executable, str(script), "--port", str(port)]
+        process = ManagedProcess("echo_server", argv, self._base_env(), self.workdir / f"{label}.log")
+        return await self._start(Server("echo", process, port), health=False, ready_s=ready_s)
 
     async def naive_server(self) -> Server:
         assert self.db is not None
         if self.naive is None:
             port = free_port()
-            script = find_bench_dir() / "naive_server.py"
+            script = BENCH_DIR / "naive_server.py"
             argv = [
                 *self.pinning.server_prefix(),
                 sys.executable,
@@ -811,6 +824,8 @@ class Bench:
         try:
             if name in CACHE_MODES:
                 await self._get(result)
+            elif name == "same_rate":
+                await self._same_rate(result)
             elif name == "list_filtered":
                 await self._list(result)
             elif name == "create":
@@ -821,6 +836,8 @@ class Bench:
                 await self._claim_complete(result)
             elif name == "batch_create_tasks":
                 await self._batch_create_tasks(result)
+            elif name == "queue_peers":
+                await self._queue_peers(result)
             elif name == "mixed":
                 await self._mixed(result)
             elif name == "memory":
@@ -828,6 +845,10 @@ class Bench:
             else:  # pragma: no cover - skip_reason covers every other name
                 raise RuntimeError(f"no driver for {name}")
             result.status = "ok"
+        except ScenarioSkipped as exc:
+            result.status = "skipped"
+            result.notes.append(str(exc))
+            log(f"{name}: SKIPPED ({exc})")
         except (Exception, VerificationError) as exc:
             result.status = "error"
             result.notes.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -870,10 +891,6 @@ class Bench:
 
     async def _get(self, result: ScenarioResult) -> None:
         env = CACHE_MODES[result.name]
-        if not cache_settings_available():
-            env = {}
-            if result.name != "get_uncached":
-                result.notes.append("cache settings not available: measured uncached")
         target = agent_id(0)
         call = FixedCall(
             GET_AGENT, agent_service_pb2.GetAgentRequest(id=target).SerializeToString(), check_agent(target), "GetAgent"
@@ -891,6 +908,74 @@ class Bench:
             "echo", "GetAgent", result.name, call=dataclasses.replace(call, check=check_agent(None)), half_rate=True
         )
         result.naive = await self.reference("naive", "GetAgent", result.name, call=call, half_rate=True)
+
+    async def _same_rate(self, result: ScenarioResult) -> None:
+        """GetAgent from L1 and echo at the same offered rates: the latency agentstore adds at each.
+
+        Per rate, agentstore (the bench's config: access log off), agentstore with the access log
+        on (its default) and echo run one after the other, so the three are measured close in time.
+        """
+        if self.h2load is None:
+            raise ScenarioSkipped("needs h2load (--rps); the Python generator cannot hold a rate")
+        target = agent_id(0)
+        call = FixedCall(
+            GET_AGENT, agent_service_pb2.GetAgentRequest(id=target).SerializeToString(), check_agent(target), "GetAgent"
+        )
+        echo_call = dataclasses.replace(call, check=check_agent(None))
+        servers: list[tuple[str, Server, FixedCall]] = [
+            ("agentstore", await self.start_agentstore(CACHE_MODES["get_l1"], "same-rate"), call),
+            (
+                "agentstore, access log on",
+                await self.start_agentstore(
+                    {**CACHE_MODES["get_l1"], "AGENTSTORE_ACCESS_LOG": "true", "AGENTSTORE_LOG_LEVEL": "INFO"},
+                    "same-rate-access-log",
+                ),
+                call,
+            ),
+            ("echo", await self.echo_server(), echo_call),
+        ]
+        runs: list[SameRate] = []
+        try:
+            for rate in self.opts.same_rates:
+                for label, server, fixed in servers:
+                    run = SameRate(label, float(rate), rate / self.opts.connections)
+                    try:
+                        run.measurement = await self.steady(
+                            functools.partial(
+                                self.measure_fixed, server, fixed, rps_per_connection=run.rps_per_connection
+                            ),
+                            f"{label} at {rate:,} RPC/s",
+                        )
+                    except (Exception, VerificationError) as exc:
+                        run.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        log(f"  {label} at {rate:,} RPC/s failed: {exc}")
+                    else:
+                        m = run.measurement
+                        log(
+                            f"  {label} at {rate:,} RPC/s: {m.rpc_per_s:,.0f} RPC/s, p50 {m.latency.p50_ms or 0:.2f} "
+                            f"p90 {m.latency.p90_ms or 0:.2f} p99 {m.latency.p99_ms or 0:.2f} ms, {m.errors} errors"
+                        )
+                    runs.append(run)
+        finally:
+            for label, server, _ in servers:
+                if label != "echo":
+                    await self.stop_server(server)
+        result.extra["same_rate"] = [run.to_json() for run in runs]
+        failed = [f"{r.server} at {r.offered_rpc_per_s:,.0f}" for r in runs if r.measurement is None]
+        if failed:
+            raise RuntimeError(f"same_rate runs failed: {', '.join(failed)}")
+        # The table's row is agentstore at the middle rate (2,000 RPC/s by default: the issue's bar).
+        middle = self.opts.same_rates[len(self.opts.same_rates) // 2]
+        by_key = {(r.server, r.offered_rpc_per_s): r for r in runs}
+        result.measurement = by_key["agentstore", float(middle)].measurement
+        for rate in self.opts.same_rates:
+            mine, echo = by_key["agentstore", float(rate)], by_key["echo", float(rate)]
+            assert mine.measurement is not None and echo.measurement is not None
+            p99 = (mine.measurement.latency.p99_ms or 0) - (echo.measurement.latency.p99_ms or 0)
+            result.notes.append(f"p99 {p99:+.2f} ms over echo at {rate:,} RPC/s")
+        result.notes.append(f"row: agentstore at {middle:,} RPC/s offered; table 'at the same offered load' below")
+        if any(r.fell_behind for r in runs):
+            result.notes.append("a run fell behind its offered rate: its percentiles flatter it (see the table)")
 
     async def _list(self, result: ScenarioResult) -> None:
         request = agent_service_pb2.ListAgentsRequest(page_size=LIST_PAGE, filter=LIST_FILTER)
@@ -1005,13 +1090,14 @@ class Bench:
                 ids.append(created.id)
         return ids
 
-    async def _pending_tasks(self, con: asyncpg.Connection) -> int:
-        return int(await con.fetchval(PENDING_TASKS, self.tenant_id))
+    async def _pending_tasks(self, con: asyncpg.Connection, up_to: int) -> int:
+        """Claimable tasks waiting, counted up to `up_to`."""
+        return int(await con.fetchval(PENDING_TASKS, self.tenant_id, up_to))
 
     async def _fill_queue(self, channel: grpc.aio.Channel, con: asyncpg.Connection, target: int, payload: bytes) -> int:
         """BatchCreateTasks until at least `target` claimable tasks wait; returns how many were added."""
         added = 0
-        missing = target - await self._pending_tasks(con)
+        missing = target - await self._pending_tasks(con, target)
         while added < missing:
             added += await self._batch_create(channel, payload)
         return added
@@ -1028,12 +1114,12 @@ class Bench:
         try:
             async with grpc.aio.insecure_channel(server.address) as channel:
                 prefilled = await self._fill_queue(channel, con, target, payload)
-                pending_before = await self._pending_tasks(con)
+                pending_before = await self._pending_tasks(con, 10 * target)
 
                 async def refill() -> None:
                     nonlocal refilled
                     while not stop.is_set():
-                        if await self._pending_tasks(con) < target // 3:
+                        if await self._pending_tasks(con, target // 3) < target // 3:
                             refilled += await self._fill_queue(channel, con, target // 2, payload)
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), QUEUE_POLL_S)
@@ -1050,7 +1136,7 @@ class Bench:
                 finally:
                     stop.set()
                     await refiller
-            pending_after = await self._pending_tasks(con)
+            pending_after = await self._pending_tasks(con, 10 * target)
         finally:
             await con.close()
         m.extra.update(
@@ -1087,6 +1173,68 @@ class Bench:
             f"one in-flight cycle each ({processes} processes)",
         )
         result.notes.append(TASKS_ONLY_NOTE)
+
+    async def _agentstore_queue(self, name: str, result: ScenarioResult) -> ScenarioResult:
+        """This run's claim_complete or batch_create_tasks, measured now if the run did not include it."""
+        for done in self.results:
+            if done.name == name and done.status == "ok" and done.measurement is not None:
+                return done
+        own = ScenarioResult(name, SCENARIOS[name].description)
+        await (self._claim_complete(own) if name == "claim_complete" else self._batch_create_tasks(own))
+        own.status = "ok"
+        result.notes.append(f"agentstore's {name} measured by queue_peers (not in this run's scenarios)")
+        return own
+
+    async def _queue_peers(self, result: ScenarioResult) -> None:
+        assert self.backends is not None
+        claims = await self._agentstore_queue("claim_complete", result)
+        batches = await self._agentstore_queue("batch_create_tasks", result)
+        assert claims.measurement is not None and batches.measurement is not None
+        mine = {
+            "claim_jobs_per_s": claims.extra["cycles_per_s"],
+            "bulk_rows_per_s": batches.extra["rows_per_s"],
+            "claim_other_cpu_percent": claims.measurement.usage.other_cpu_percent,
+            "bulk_other_cpu_percent": batches.measurement.usage.other_cpu_percent,
+        }
+        peers = []
+        for peer in PEERS:
+            log(f"  {peer.name}: claim -> complete with {WORKERS} workers, then bulk insert")
+            found = await run_peer(
+                peer,
+                self.backends.admin_url,
+                self.tag,
+                duration=self.opts.duration,
+                warmup=self.opts.warmup,
+                prefix=self.pinning.server_prefix(),
+            )
+            if found.status == "ok":
+                log(
+                    f"  {peer.name} {found.version}: {found.claim_jobs_per_s:,.0f} jobs/s, "
+                    f"{found.bulk_rows_per_s:,.0f} rows/s"
+                )
+            else:
+                log(f"  {peer.name}: {found.status.upper()} ({found.reason})")
+            peers.append(found)
+        for found in peers:
+            if found.status != "ok":
+                result.notes.append(f"{found.name} {found.status}: {found.reason}")
+                continue
+            claim = mine["claim_jobs_per_s"] / found.claim_jobs_per_s if found.claim_jobs_per_s else None
+            bulk = mine["bulk_rows_per_s"] / found.bulk_rows_per_s if found.bulk_rows_per_s else None
+            found.raw["ratios"] = {"claim_complete": claim, "batch_create_tasks": bulk}
+            result.notes.append(
+                f"vs {found.name}: claim_complete {claim or 0:.2f}x, batch_create_tasks {bulk or 0:.2f}x"
+            )
+            if found.drained_early:
+                result.notes.append(
+                    f"{found.name} ran out of jobs before the window ended: its jobs/s is a lower bound"
+                )
+        result.extra["queue_peers"] = {
+            "workers": WORKERS,
+            "rows_per_call": PEER_BATCH,
+            "agentstore": mine,
+            "peers": [found.to_json() for found in peers],
+        }
 
     async def _memory(self, result: ScenarioResult) -> None:
         first, second = self.opts.memory_requests

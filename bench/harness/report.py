@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentstore.benchmark.stats import HALF_RATE_FRACTION, HALF_RATE_P99_BAR_MS, HalfRate, Measurement
+from harness.stats import HALF_RATE_FRACTION, HALF_RATE_P99_BAR_MS, HalfRate, Measurement
 
 if TYPE_CHECKING:
-    from agentstore.benchmark.runner import Bench
+    from harness.runner import Bench
 
 
 @dataclass
@@ -86,7 +86,8 @@ class ScenarioResult:
         if self.echo is not None and self.echo.generator_bound and (self.ratio_vs_echo or 0) > 0.8:
             self.notes.append("near the generator's limit: agentstore's RPC/s is a lower bound")
         cpu = m.usage.cpu_percent
-        if cpu is not None and cpu < 75:
+        # A rate-limited run (h2load --rps) is meant to leave the server idle part of the time.
+        if cpu is not None and cpu < 75 and m.extra.get("rps_per_connection") is None:
             self.notes.append(f"server only {cpu:.0f}% CPU: bound by PostgreSQL/Redis or the generator")
 
     def to_json(self) -> dict[str, Any]:
@@ -178,6 +179,8 @@ def scenario_table(results: list[ScenarioResult]) -> str:
         m = r.measurement
         if m is not None and r.status == "ok":
             cells = [r.name, m.generator, *_metric_cells(m), _ratio(r.ratio_vs_echo), _ratio(r.ratio_vs_naive)]
+        elif r.status == "ok":  # a comparison without a measurement of its own (queue_peers): see its table
+            cells = [r.name, "—", *["—"] * (len(METRIC_HEADERS) + 2)]
         else:
             cells = [r.name, "—", r.status.upper(), *["—"] * (len(METRIC_HEADERS) + 1)]
         rows.append([*cells, "; ".join(r.notes)])
@@ -255,6 +258,97 @@ def half_rate_table(bench: Bench) -> str | None:
     return _render(headers, rows, right=set(range(1, len(headers) - 1)))
 
 
+def same_rate_table(bench: Bench) -> str | None:
+    """same_rate: every server at every offered rate, and what agentstore adds over echo; None without it."""
+    runs = [run for r in bench.results for run in r.extra.get("same_rate", [])]
+    if not runs:
+        return None
+    echo = {run["offered_rpc_per_s"]: run for run in runs if run["server"] == "echo"}
+    headers = [
+        "offered RPC/s",
+        "server",
+        "RPC/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "errors",
+        "CPU %",
+        "other CPU %",
+        "+p50 ms",
+        "+p90 ms",
+        "+p99 ms",
+        "notes",
+    ]
+    rows: list[list[str]] = []
+    for run in runs:
+        if run["status"] != "ok":
+            rows.append([_num(run["offered_rpc_per_s"]), run["server"], "ERROR", *["—"] * 9, run["error"] or ""])
+            continue
+        ref = echo.get(run["offered_rpc_per_s"])
+        added = ["—"] * 3
+        if run["server"] != "echo" and ref is not None and ref["status"] == "ok":
+            added = [f"{run[k] - ref[k]:+.2f}" for k in ("p50_ms", "p90_ms", "p99_ms")]
+        note = "fell behind the offered rate: percentiles flatter it" if run["fell_behind"] else ""
+        rows.append(
+            [
+                _num(run["offered_rpc_per_s"]),
+                run["server"],
+                _num(run["rpc_per_s"]),
+                _num(run["p50_ms"], 2),
+                _num(run["p90_ms"], 2),
+                _num(run["p99_ms"], 2),
+                str(run["errors"]),
+                _num(run["server_cpu_percent"]),
+                _num(run["other_cpu_percent"]),
+                *added,
+                note,
+            ]
+        )
+    return _render(headers, rows, right={0, *range(2, len(headers) - 1)})
+
+
+def queue_peers_table(bench: Bench) -> str | None:
+    """queue_peers: agentstore and each peer, jobs/s and rows/s, agentstore's ratio to each; None without it."""
+    docs = [r.extra["queue_peers"] for r in bench.results if "queue_peers" in r.extra]
+    if not docs:
+        return None
+    doc = docs[-1]
+    mine = doc["agentstore"]
+    headers = [
+        "queue",
+        "version",
+        "claim->complete jobs/s",
+        "agentstore / it",
+        "bulk rows/s",
+        "agentstore / it",
+        "other CPU %",
+        "notes",
+    ]
+    other = "/".join(_num(mine.get(k)) for k in ("claim_other_cpu_percent", "bulk_other_cpu_percent"))
+    rows = [
+        ["agentstore", "this code", _num(mine["claim_jobs_per_s"]), "—", _num(mine["bulk_rows_per_s"]), "—", other, ""],
+    ]
+    for peer in doc["peers"]:
+        if peer["status"] != "ok":
+            rows.append([peer["name"], "—", peer["status"].upper(), "—", "—", "—", "—", peer["reason"] or ""])
+            continue
+        ratios = peer["raw"].get("ratios", {})
+        note = "ran out of jobs early: jobs/s is a lower bound" if peer["drained_early"] else ""
+        rows.append(
+            [
+                peer["name"],
+                peer["version"] or "—",
+                _num(peer["claim_jobs_per_s"]),
+                _ratio(ratios.get("claim_complete")),
+                _num(peer["bulk_rows_per_s"]),
+                _ratio(ratios.get("batch_create_tasks")),
+                _num(peer.get("other_cpu_percent")),
+                note,
+            ]
+        )
+    return _render(headers, rows, right={2, 3, 4, 5, 6})
+
+
 def header_lines(bench: Bench) -> list[str]:
     o = bench.opts
     python_gen = f"Python generator: {bench.processes} processes, {bench.inflight} calls in flight in total"
@@ -263,6 +357,7 @@ def header_lines(bench: Bench) -> list[str]:
         f"{o.agents:,} agents seeded, server DB pool {o.pool_size}",
         f"generator: {bench.generator_note}; {python_gen}; h2load -c {o.connections} -m {o.streams}",
         f"pinning: {bench.pinning.note}",
+        *([f"server settings added: {' '.join(f'{k}={v}' for k, v in o.server_env.items())}"] if o.server_env else []),
         f"backends: {bench.backends.description if bench.backends else '—'}",
         "CPU % is the server process alone; PG+Redis, gen(erator) and other (anything else on the machine: "
         "noise) are CPU % over the same window, 100 = one core",
@@ -272,7 +367,7 @@ def header_lines(bench: Bench) -> list[str]:
 
 def full_text(bench: Bench) -> str:
     lines = header_lines(bench)
-    from agentstore.benchmark.runner import BUSY_WARNING_PERCENT
+    from harness.runner import BUSY_WARNING_PERCENT
 
     if bench.busy_before > BUSY_WARNING_PERCENT:
         lines.append(
@@ -289,6 +384,23 @@ def full_text(bench: Bench) -> str:
             f"latency at {HALF_RATE_FRACTION:.0%} of the saturated RPC/s (second h2load run, --rps = target / "
             f"{bench.opts.connections} connections; bar: GetAgent p99 <= {HALF_RATE_P99_BAR_MS:g} ms):",
             half,
+        ]
+    same = same_rate_table(bench)
+    if same is not None:
+        parts += [
+            "",
+            f"latency at the same offered load (same_rate: GetAgent from L1 vs echo, h2load --rps = offered / "
+            f"{bench.opts.connections} connections, -m {bench.opts.streams}; +pNN = agentstore minus echo):",
+            same,
+        ]
+    peers = queue_peers_table(bench)
+    if peers is not None:
+        parts += [
+            "",
+            "queue peers (same PostgreSQL, own scratch databases; claim -> complete: 8 workers, no-op handler; "
+            "bulk insert: 1,000 rows per call, 4 calls in flight; agentstore = claim_complete and batch_create_tasks; "
+            "other CPU % = other work on the machine during agentstore's claim/bulk runs and a peer's whole run):",
+            peers,
         ]
     if bench.problems:
         parts += ["", *(f"problem: {p}" for p in bench.problems)]
@@ -312,8 +424,6 @@ def _host() -> dict[str, Any]:
 
 
 def document(bench: Bench, started: datetime, text: str) -> dict[str, Any]:
-    from agentstore.benchmark.runner import cache_settings_available
-
     o = bench.opts
     return {
         "schema": 1,
@@ -337,6 +447,8 @@ def document(bench: Bench, started: datetime, text: str) -> dict[str, Any]:
             "noise_retries": o.noise_retries,
             "half_rate": o.half_rate,
             "half_rate_fraction": HALF_RATE_FRACTION,
+            "same_rates": list(o.same_rates),
+            "server_env": o.server_env,
         },
         "generator": {
             "fixed_requests": "h2load" if bench.h2load else "python",
@@ -351,7 +463,6 @@ def document(bench: Bench, started: datetime, text: str) -> dict[str, Any]:
         },
         "backends": bench.backends.description if bench.backends else None,
         "host_cpu_busy_before_percent": bench.busy_before,
-        "cache_settings_available": cache_settings_available(),
         "scenarios": [r.to_json() for r in bench.results],
         "references": [ref.to_json() for ref in bench.references.values()],
         "problems": bench.problems,

@@ -22,6 +22,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("get_l1", "GetAgent of one agent, served from the in-process L1 cache"),
         Scenario("get_l2", "GetAgent of one agent, L1 off, served from the Redis L2 cache"),
         Scenario("get_uncached", "GetAgent of one agent, both caches off: PostgreSQL every time"),
+        Scenario(
+            "same_rate",
+            "GetAgent from L1 and echo at the same offered rates (h2load --rps): what agentstore adds to p50/p90/p99",
+        ),
         Scenario("list_filtered", 'ListAgents, page of 50, filter status = IDLE AND capabilities:"python"'),
         Scenario("create", "CreateAgent with a unique name and request_id per call (audit row included)"),
         Scenario("update_etag", "GetAgent then UpdateAgent with its etag; every slot owns its agents"),
@@ -34,6 +38,12 @@ SCENARIOS: dict[str, Scenario] = {
             "batch_create_tasks",
             "BatchCreateTasks of 1,000 small tasks per call (rows/s too)",
             (("TaskService", "BatchCreateTasks"),),
+        ),
+        Scenario(
+            "queue_peers",
+            "Graphile Worker and Procrastinate on the same PostgreSQL: claim -> complete jobs/s (8 workers) and "
+            "bulk insert rows/s (1,000 per call), agentstore's ratio to each",
+            (("TaskService", "ClaimTask"), ("TaskService", "CompleteTask"), ("TaskService", "BatchCreateTasks")),
         ),
         Scenario("mixed", "90% GetAgent / 10% UpdateAgent over 100,000 agents, keys Zipf(1.1); also vs naive"),
         Scenario("watch_fanout", "WatchEvents to 50 watchers", (("EventService", "WatchEvents"),)),
@@ -52,11 +62,13 @@ IMPLEMENTED = {
     "get_l1",
     "get_l2",
     "get_uncached",
+    "same_rate",
     "list_filtered",
     "create",
     "update_etag",
     "claim_complete",
     "batch_create_tasks",
+    "queue_peers",
     "mixed",
     "memory",
 }

@@ -18,9 +18,10 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
 
 @dataclass
 class Latencies:
-    """p50/p95/p99 and mean, in milliseconds."""
+    """p50/p90/p95/p99 and mean, in milliseconds."""
 
     p50_ms: float | None = None
+    p90_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None
     mean_ms: float | None = None
@@ -37,6 +38,7 @@ class Latencies:
 
         return cls(
             p50_ms=ms(percentile(ordered, 50)),
+            p90_ms=ms(percentile(ordered, 90)),
             p95_ms=ms(percentile(ordered, 95)),
             p99_ms=ms(percentile(ordered, 99)),
             mean_ms=sum(ordered) / len(ordered) * 1000.0,
@@ -140,5 +142,49 @@ class HalfRate:
             "errors": m.errors if m else None,
             "p99_bar_ms": HALF_RATE_P99_BAR_MS,
             "p99_within_bar": None if p99 is None else p99 <= HALF_RATE_P99_BAR_MS,
+            "measurement": m.to_json() if m else None,
+        }
+
+
+# The offered rates (RPC/s, all connections together) at which same_rate runs GetAgent from L1
+# and echo, one after the other, to compare the latency a caller feels at the same load.
+SAME_RATES = (1000, 2000, 3000)
+# Below this share of the offered rate, a run fell behind: h2load held requests back, and their
+# wait is not in its latencies (coordinated omission), so the percentiles flatter the server.
+SAME_RATE_REACHED = 0.97
+
+
+@dataclass
+class SameRate:
+    """One server at one offered rate (h2load --rps), in the same_rate scenario."""
+
+    server: str  # "agentstore", "agentstore, access log on", "echo"
+    offered_rpc_per_s: float
+    rps_per_connection: float
+    measurement: Measurement | None = None
+    error: str | None = None
+
+    @property
+    def fell_behind(self) -> bool:
+        m = self.measurement
+        return m is not None and m.rpc_per_s < SAME_RATE_REACHED * self.offered_rpc_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.measurement
+        lat = m.latency if m else Latencies()
+        return {
+            "server": self.server,
+            "offered_rpc_per_s": self.offered_rpc_per_s,
+            "rps_per_connection": self.rps_per_connection,
+            "status": "ok" if m is not None else "error",
+            "error": self.error,
+            "rpc_per_s": m.rpc_per_s if m else None,
+            "fell_behind": self.fell_behind,
+            "p50_ms": lat.p50_ms,
+            "p90_ms": lat.p90_ms,
+            "p99_ms": lat.p99_ms,
+            "errors": m.errors if m else None,
+            "server_cpu_percent": m.usage.cpu_percent if m else None,
+            "other_cpu_percent": m.usage.other_cpu_percent if m else None,
             "measurement": m.to_json() if m else None,
         }

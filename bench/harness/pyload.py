@@ -2,7 +2,7 @@
 
 Used for workloads whose requests vary (unique names, Zipf keys, read-then-update) and as the
 fallback for fixed requests where h2load is missing. Each worker is a plain subprocess
-(`python -m agentstore.benchmark.worker SPEC RESULT`) so it can be pinned with taskset and never
+(`python -m harness.worker SPEC RESULT`) so it can be pinned with taskset and never
 imports the parent's __main__. The protocol on its pipes: the worker warms up and prints
 `ready`, waits for `go` on stdin, runs for the duration (or its share of a request count),
 pickles a WorkerResult to RESULT and prints `done`.
@@ -28,8 +28,8 @@ from typing import Any, BinaryIO
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2
 
-from agentstore.benchmark.stats import Latencies
 from agentstore.v1 import agent_pb2, agent_service_pb2, task_service_pb2
+from harness.stats import Latencies
 
 GET_AGENT = "/agentstore.v1.AgentService/GetAgent"
 LIST_AGENTS = "/agentstore.v1.AgentService/ListAgents"
@@ -468,7 +468,7 @@ async def run_python_load(
                     *command_prefix,
                     sys.executable,
                     "-m",
-                    "agentstore.benchmark.worker",
+                    "harness.worker",
                     str(spec_path),
                     str(result_path),
                     stdin=asyncio.subprocess.PIPE,
