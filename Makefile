@@ -4,16 +4,30 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/agentstore/v1/*.proto)
+# The Python client distribution (agentstore-client): stubs, .proto copies, agentstore.client.
+PYCLIENT := clients/python
+STUBS    := $(PYCLIENT)/src/agentstore/v1
+# protoc runs in a venv of its own, pinned to the version whose gencode is the stubs' floor.
+PROTOC_ENV   := $(VENV)/protoc
+PROTOC_STAMP := $(PROTOC_ENV)/.installed-stamp
 
 .PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PYCLIENT)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The server was the `agentstore` distribution before the split: drop it from older venvs.
+	$(BIN)/python -m pip uninstall --quiet --yes agentstore
+	rm -rf src/agentstore.egg-info
+	$(BIN)/python -m pip install --quiet -e ./$(PYCLIENT) -e '.[dev]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(PROTOC_STAMP): $(STAMP) $(PYCLIENT)/requirements-protoc.txt
+	$(PYTHON) -m venv $(PROTOC_ENV)
+	$(PROTOC_ENV)/bin/python -m pip install --quiet -r $(PYCLIENT)/requirements-protoc.txt
+	touch $(PROTOC_STAMP)
+
+venv: $(STAMP) $(PROTOC_STAMP)
 
 ## run: set up the venv and start `agentstore dev` (embedded PostgreSQL + Redis, 127.0.0.1:50051)
 run: venv
@@ -36,15 +50,19 @@ bench: venv
 ## lint: ruff, mypy and buf lint
 lint: venv buf-lint
 	$(BIN)/ruff check src tests
-	$(BIN)/mypy src
+	$(BIN)/mypy src $(PYCLIENT)/src
 
 buf-lint: venv
 	$(BIN)/buf lint
 
-## protos: regenerate the Python stubs and .pyi files in src/agentstore/v1
+## protos: regenerate the Python stubs and .pyi files in clients/python/src/agentstore/v1 (and copy the .protos there)
+# The mypy plugins come from the dev venv on PATH.
 protos: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
-		--python_out=src --grpc_python_out=src --mypy_out=src --mypy_grpc_out=src $(PROTOS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PROTOC_ENV)/bin/python -m grpc_tools.protoc -I protos \
+		--python_out=$(PYCLIENT)/src --grpc_python_out=$(PYCLIENT)/src \
+		--mypy_out=$(PYCLIENT)/src --mypy_grpc_out=$(PYCLIENT)/src $(PROTOS)
+	rm -f $(STUBS)/*.proto
+	cp $(PROTOS) $(STUBS)/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
