@@ -49,7 +49,7 @@ bench: venv
 
 ## lint: ruff, mypy and buf lint
 lint: venv buf-lint
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests $(PYCLIENT)/src
 	$(BIN)/mypy src $(PYCLIENT)/src
 
 buf-lint: venv

@@ -4,7 +4,9 @@ pyproject.toml (agentstore-server) and clients/python/pyproject.toml (agentstore
 `>=` floor for every runtime dependency. Here every one of them is pinned to `==floor`, both
 distributions are built as real wheels (not editable) and installed into a new venv, the wheels are
 checked for the stubs, `.pyi` and `.proto` files, every stub is imported, and `agentstore serve`
-runs against the test database until its health check answers SERVING.
+runs against the test database until its health check answers SERVING, where client_usage.py
+calls it through agentstore.client. The same venv, with types-grpcio and types-protobuf, checks
+that client_usage.py (a user of the installed client) passes `mypy --strict`.
 
 The generated stubs refuse a protobuf runtime older than the protoc that generated them, and a
 grpcio older than grpcio-tools: this is the test that catches a floor below either.
@@ -34,6 +36,10 @@ from tests.integration.test_startup import serve_env, start_serving
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "clients" / "python"
 STUB_DIR = CLIENT / "src" / "agentstore" / "v1"
+CLIENT_USAGE = Path(__file__).with_name("client_usage.py")
+PLATFORM_TOKEN = "floors-platform-token"
+# What a user type-checking against the client needs; unpinned, like a user's.
+TYPING_TOOLS = ("mypy", "types-grpcio", "types-protobuf")
 OURS = {"agentstore-client", "agentstore-server"}
 INSTALL_TIMEOUT = 600
 EXIT_TIMEOUT = 30
@@ -95,7 +101,7 @@ async def floor_venv(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     await _checked(sys.executable, "-m", "venv", str(venv.root))
     pip = (str(venv.python), "-m", "pip", "--disable-pip-version-check", "--no-input")
     # Non-editable: pip builds both wheels, so what they carry is what a user would get.
-    await _checked(*pip, "install", "--quiet", "-c", str(constraints), str(CLIENT), str(REPO))
+    await _checked(*pip, "install", "--quiet", "-c", str(constraints), str(CLIENT), str(REPO), *TYPING_TOOLS)
     yield venv
 
 
@@ -151,9 +157,19 @@ async def test_the_server_serves_at_the_floors(
     floor_venv: FloorVenv, servers: Servers, database: ScratchDatabase, redis_prefix: str, tmp_path: Path
 ) -> None:
     processes: list[asyncio.subprocess.Process] = []
-    env = serve_env(servers, database.app_url, redis_prefix)
+    env = serve_env(servers, database.app_url, redis_prefix, AGENTSTORE_PLATFORM_ADMIN_TOKEN=PLATFORM_TOKEN)
     try:
         served = await start_serving(processes, env, tmp_path, executable=floor_venv.root / "bin" / "agentstore")
+        code, out, err = await run_command(
+            str(floor_venv.python), str(CLIENT_USAGE), served.address, PLATFORM_TOKEN, limit=120
+        )
+        assert code == 0, f"client_usage.py exited {code}\nstdout: {out}\nstderr: {err}\nserver: {served.stderr()}"
+        assert json.loads(out) == {
+            "sync_names": ["a", "b", "c"],
+            "sync_reason": "AGENT_NAME_TAKEN",
+            "async_names": ["a", "b", "c"],
+            "async_error": ["INVALID_ARGUMENT", "INVALID_ID", "id"],
+        }
         served.proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(served.proc.wait(), timeout=EXIT_TIMEOUT)
         assert code == 0, served.stderr()
@@ -163,3 +179,17 @@ async def test_the_server_serves_at_the_floors(
                 proc.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout=10)
+
+
+async def test_a_client_program_passes_mypy_strict(floor_venv: FloorVenv, tmp_path: Path) -> None:
+    # Checked as a user would: the installed wheel (PEP 561, namespace package) with grpc stubs.
+    code, out, err = await run_command(
+        str(floor_venv.root / "bin" / "mypy"),
+        "--strict",
+        "--cache-dir",
+        str(tmp_path / "mypy-cache"),
+        str(CLIENT_USAGE),
+        cwd=str(tmp_path),
+        limit=300,
+    )
+    assert code == 0, f"mypy --strict failed:\n{out}\n{err}"
