@@ -10,8 +10,12 @@ STUBS    := $(PYCLIENT)/src/agentstore/v1
 # protoc runs in a venv of its own, pinned to the version whose gencode is the stubs' floor.
 PROTOC_ENV   := $(VENV)/protoc
 PROTOC_STAMP := $(PROTOC_ENV)/.installed-stamp
+# npm packages (protoc-gen-es, connect-es, grpc-js, tsc) for `make clients`, quickstarts, tests/interop.
+NODE_STAMP := node_modules/.installed-stamp
+# Debian packages for the Go stubs (`make clients`) and for compiling the Go quickstart in tests.
+GO_DEBS := protoc-gen-go protoc-gen-go-grpc golang-go golang-google-grpc-dev golang-google-protobuf-dev
 
-.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench
+.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench node clients go-tools
 
 $(STAMP): pyproject.toml $(PYCLIENT)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +33,27 @@ $(PROTOC_STAMP): $(STAMP) $(PYCLIENT)/requirements-protoc.txt
 
 venv: $(STAMP) $(PROTOC_STAMP)
 
+$(NODE_STAMP): package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+## node: install the npm packages pinned by package-lock.json into node_modules
+node: $(NODE_STAMP)
+
+## go-tools: install Go, protoc-gen-go and protoc-gen-go-grpc from Debian (needs root; CI runs it)
+go-tools:
+	@if command -v protoc-gen-go >/dev/null && command -v protoc-gen-go-grpc >/dev/null && command -v go >/dev/null; then \
+		echo "go-tools: already installed"; \
+	else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(GO_DEBS); \
+	fi
+
 ## run: set up the venv and start `agentstore dev` (embedded PostgreSQL + Redis, 127.0.0.1:50051)
 run: venv
 	$(BIN)/agentstore dev
 
 ## test: set up the venv and run the whole suite against real PostgreSQL and Redis
-test: venv
+test: venv node
 	$(BIN)/pytest
 
 test-unit: venv
@@ -63,6 +82,12 @@ protos: venv
 		--mypy_out=$(PYCLIENT)/src --mypy_grpc_out=$(PYCLIENT)/src $(PROTOS)
 	rm -f $(STUBS)/*.proto
 	cp $(PROTOS) $(STUBS)/
+
+## clients: regenerate the TypeScript (clients/typescript/src/gen) and Go (clients/go) stubs (buf.gen.yaml)
+clients: venv node
+	rm -rf clients/typescript/src/gen clients/go/agentstore
+	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(BIN)/buf generate
+	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(BIN)/buf generate --template clients/third_party/buf.gen.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
