@@ -13,7 +13,9 @@ PROTOC_STAMP := $(PROTOC_ENV)/.installed-stamp
 # npm packages (protoc-gen-es, connect-es, grpc-js, tsc) for `make clients`, quickstarts, tests/interop.
 NODE_STAMP := node_modules/.installed-stamp
 # Debian packages for the Go stubs (`make clients`) and for compiling the Go quickstart in tests.
-GO_DEBS := protoc-gen-go protoc-gen-go-grpc golang-go golang-google-grpc-dev golang-google-protobuf-dev
+# golang/protobuf 1.5 (not the 1.3 apt would pick for grpc): 1.3 cannot marshal the APIv2 stubs.
+GO_DEBS := protoc-gen-go protoc-gen-go-grpc golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+	golang-github-golang-protobuf-1-5-dev
 
 .PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench node clients go-tools
 
@@ -42,7 +44,7 @@ node: $(NODE_STAMP)
 
 ## go-tools: install Go, protoc-gen-go and protoc-gen-go-grpc from Debian (needs root; CI runs it)
 go-tools:
-	@if command -v protoc-gen-go >/dev/null && command -v protoc-gen-go-grpc >/dev/null && command -v go >/dev/null; then \
+	@if dpkg -s $(GO_DEBS) >/dev/null 2>&1; then \
 		echo "go-tools: already installed"; \
 	else \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(GO_DEBS); \

@@ -22,9 +22,11 @@ from grpc_status import rpc_status
 from agentstore.client import (
     REQUEST_ID,
     SERVICE_CONFIG,
+    acheck_health,
     aio_connect,
     aiter_items,
     aiter_pages,
+    check_health,
     connect,
     error_details,
     iter_items,
@@ -273,3 +275,15 @@ async def test_retry_info_decodes_to_a_timedelta(flaky: tuple[FlakyAgents, str])
 def test_error_details_refuses_errors_without_a_status() -> None:
     with pytest.raises(TypeError):
         error_details(grpc.RpcError())
+
+
+async def test_health_checks_sync_and_async(app: App) -> None:
+    async with aio_connect(target(app)) as channel:
+        assert await acheck_health(channel) == "SERVING"
+        assert await acheck_health(channel, "agentstore.v1.AgentService") == "SERVING"
+
+    def blocking() -> str:
+        with connect(target(app)) as channel:
+            return check_health(channel, timeout=10)
+
+    assert await asyncio.to_thread(blocking) == "SERVING"

@@ -1,5 +1,6 @@
 """`make clients` output is committed and current, and compiles: TypeScript with tsc --strict, Go
-with the Debian toolchain (GOPATH mode: no module proxy is reachable here) and gofmt.
+with Debian's toolchain and gofmt. Go builds in GOPATH mode against Debian's grpc 1.33 and
+golang/protobuf 1.5, since no Go module proxy is reachable here.
 
 The Go checks need `make go-tools` (CI runs it); without protoc-gen-go they are skipped, saying so.
 """

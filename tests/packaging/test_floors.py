@@ -6,7 +6,7 @@ distributions are built as real wheels (not editable) and installed into a new v
 checked for the stubs, `.pyi` and `.proto` files, every stub is imported, and `agentstore serve`
 runs against the test database until its health check answers SERVING, where client_usage.py
 calls it through agentstore.client. The same venv, with types-grpcio and types-protobuf, checks
-that client_usage.py (a user of the installed client) passes `mypy --strict`.
+that client_usage.py and the Python quickstart (users of the installed client) pass `mypy --strict`.
 
 The generated stubs refuse a protobuf runtime older than the protoc that generated them, and a
 grpcio older than grpcio-tools: this is the test that catches a floor below either.
@@ -37,9 +37,10 @@ REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "clients" / "python"
 STUB_DIR = CLIENT / "src" / "agentstore" / "v1"
 CLIENT_USAGE = Path(__file__).with_name("client_usage.py")
+PYTHON_QUICKSTART = REPO / "docs" / "clients" / "python" / "quickstart.py"
 PLATFORM_TOKEN = "floors-platform-token"
 # What a user type-checking against the client needs; unpinned, like a user's.
-TYPING_TOOLS = ("mypy", "types-grpcio", "types-protobuf")
+TYPING_TOOLS = ("mypy", "types-grpcio", "types-grpcio-health-checking", "types-protobuf")
 OURS = {"agentstore-client", "agentstore-server"}
 INSTALL_TIMEOUT = 600
 EXIT_TIMEOUT = 30
@@ -189,6 +190,7 @@ async def test_a_client_program_passes_mypy_strict(floor_venv: FloorVenv, tmp_pa
         "--cache-dir",
         str(tmp_path / "mypy-cache"),
         str(CLIENT_USAGE),
+        str(PYTHON_QUICKSTART),
         cwd=str(tmp_path),
         limit=300,
     )

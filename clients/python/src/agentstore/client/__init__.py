@@ -19,6 +19,7 @@ from agentstore.client._channel import (
     connect,
 )
 from agentstore.client._errors import DOMAIN, ErrorDetails, FieldViolation, error_details
+from agentstore.client._health import acheck_health, check_health
 from agentstore.client._paging import aiter_items, aiter_pages, iter_items, iter_pages
 
 __all__ = [
@@ -28,10 +29,12 @@ __all__ = [
     "SERVICE_CONFIG",
     "ErrorDetails",
     "FieldViolation",
+    "acheck_health",
     "aio_connect",
     "aiter_items",
     "aiter_pages",
     "channel_options",
+    "check_health",
     "connect",
     "error_details",
     "iter_items",
