@@ -17,7 +17,7 @@ NODE_STAMP := node_modules/.installed-stamp
 GO_DEBS := protoc-gen-go protoc-gen-go-grpc golang-go golang-google-grpc-dev golang-google-protobuf-dev \
 	golang-github-golang-protobuf-1-5-dev
 
-.PHONY: venv run test test-unit test-integration lint protos buf-lint clean bench node clients go-tools
+.PHONY: venv run test test-unit test-integration test-interop lint protos buf-lint clean bench node clients go-tools
 
 $(STAMP): pyproject.toml $(PYCLIENT)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ test-unit: venv
 
 test-integration: venv
 	$(BIN)/pytest tests/integration
+
+## test-interop: Node, TypeScript and Go against a live server; the generated stubs; the quickstarts
+test-interop: venv node
+	$(BIN)/pytest tests/interop
 
 ## bench: benchmark agentstore against the echo and naive reference servers (bench/README.md)
 bench: venv

@@ -51,8 +51,8 @@ def test_typescript_is_regenerated_unchanged(tmp_path: Path) -> None:
     assert fresh == tree(TS_GEN), "clients/typescript/src/gen is stale: run `make clients`"
 
 
-def test_typescript_compiles_with_tsc_strict(tmp_path: Path) -> None:
-    out = compile_typescript(tmp_path / "js")
+def test_typescript_compiles_with_tsc_strict(typescript_build: Path) -> None:
+    out = typescript_build
     assert (out / "clients" / "typescript" / "src" / "gen" / "agentstore" / "v1" / "agent_service_pb.js").exists()
 
 

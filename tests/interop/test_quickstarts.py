@@ -17,7 +17,7 @@ from pathlib import Path
 from agentstore.server import App
 from tests.integration.conftest import TenantKeys
 from tests.integration.helpers import run_command
-from tests.interop.test_generated import compile_typescript, gopath_with_stubs, needs_go
+from tests.interop.test_generated import gopath_with_stubs, needs_go
 from tests.interop.tools import REPO, require_node_modules
 
 SERVICE_CONFIG = REPO / "clients" / "python" / "src" / "agentstore" / "client" / "service_config.json"
@@ -83,9 +83,9 @@ async def test_node_quickstart(app: App, tenant: TenantKeys) -> None:
     assert str(seen["created_at"]).endswith("Z")
 
 
-async def test_typescript_quickstart(app: App, tenant: TenantKeys, tmp_path: Path) -> None:
-    out = compile_typescript(tmp_path / "js")
-    seen = await run_quickstart(app, tenant, "node", str(out / "docs" / "clients" / "typescript" / "quickstart.mjs"))
+async def test_typescript_quickstart(app: App, tenant: TenantKeys, typescript_build: Path) -> None:
+    quickstart = typescript_build / "docs" / "clients" / "typescript" / "quickstart.mjs"
+    seen = await run_quickstart(app, tenant, "node", str(quickstart))
     check_quickstart(seen)
     assert seen["metadata"] == {"region": "eu"}
 

@@ -20,13 +20,13 @@ const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
 const PROTOS = join(REPO, "protos"); // agentstore/v1/*.proto
 const THIRD_PARTY = join(REPO, "clients", "third_party"); // google/rpc/*.proto, grpc/health/v1/health.proto
 // The published service config: retry UNAVAILABLE with backoff (grpc-js honours retryPolicy).
-const SERVICE_CONFIG = readFileSync(
+export const SERVICE_CONFIG = readFileSync(
   join(REPO, "clients", "python", "src", "agentstore", "client", "service_config.json"),
   "utf8",
 );
 
 // The loader options that avoid proto-loader's silent surprises:
-const LOADER_OPTIONS = {
+export const LOADER_OPTIONS = {
   keepCase: true, // field names exactly as in the .proto (snake_case), like grpcurl and every other client;
   //                 with the default (false) a snake_case key in a request is silently ignored.
   longs: String, // int64 (lease_token, Duration.seconds) as decimal strings, not Long objects
@@ -96,7 +96,7 @@ export function errorDetails(error) {
 
 // --- a client: every call carries the API key and a fresh x-request-id ---------------------------
 
-function withKey(apiKey) {
+export function withKey(apiKey) {
   return (options, nextCall) =>
     new grpc.InterceptingCall(nextCall(options), {
       start(metadata, listener, next) {

@@ -23,7 +23,7 @@ import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../../../cli
 import { Health, HealthCheckResponse_ServingStatusSchema } from "../../../clients/typescript/src/gen/grpc/health/v1/health_pb.js";
 
 // Every call carries the API key and an x-request-id (the server echoes it and logs it).
-function withKey(apiKey: string | undefined): Interceptor {
+export function withKey(apiKey: string | undefined): Interceptor {
   return (next) => async (request) => {
     if (apiKey) request.header.set("authorization", `Bearer ${apiKey}`);
     if (!request.header.has("x-request-id")) request.header.set("x-request-id", randomUUID());
@@ -34,7 +34,7 @@ function withKey(apiKey: string | undefined): Interceptor {
 // connect-es does not read gRPC service configs; this interceptor applies the published policy
 // (clients/python/src/agentstore/client/service_config.json) to unary calls: UNAVAILABLE is retried
 // up to 5 attempts, backing off from 0.1 s, doubling, at most 5 s, with jitter.
-const retryUnavailable: Interceptor = (next) => async (request) => {
+export const retryUnavailable: Interceptor = (next) => async (request) => {
   for (let attempt = 1, backoff = 0.1; ; attempt++, backoff = Math.min(backoff * 2, 5)) {
     try {
       return await next(request);
