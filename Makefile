@@ -17,7 +17,7 @@ NODE_STAMP := node_modules/.installed-stamp
 GO_DEBS := protoc-gen-go protoc-gen-go-grpc golang-go golang-google-grpc-dev golang-google-protobuf-dev \
 	golang-github-golang-protobuf-1-5-dev
 
-.PHONY: venv run test test-unit test-integration test-interop lint protos buf-lint clean bench node clients go-tools
+.PHONY: venv run test test-unit test-integration test-interop lint protos buf-lint buf-breaking clean bench node clients go-tools
 
 $(STAMP): pyproject.toml $(PYCLIENT)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,19 @@ lint: venv buf-lint
 
 buf-lint: venv
 	$(BIN)/buf lint
+
+## buf-breaking: check protos/ against the latest v* release tag (README: the contract's promise)
+# The tagged tree is extracted with git archive, so this works in clones and worktrees alike.
+buf-breaking: venv
+	@tag=$$(git tag --list 'v*' --sort=-v:refname | head -n 1); \
+	if [ -z "$$tag" ]; then \
+		echo "buf-breaking: no v* release tag yet, nothing to compare against"; \
+	else \
+		echo "buf-breaking: protos/ against $$tag"; \
+		against=$$(mktemp -d) && trap 'rm -rf "$$against"' EXIT && \
+		git archive "$$tag" buf.yaml protos | tar -x -C "$$against" && \
+		$(BIN)/buf breaking --against "$$against"; \
+	fi
 
 ## protos: regenerate the Python stubs and .pyi files in clients/python/src/agentstore/v1 (and copy the .protos there)
 # The mypy plugins come from the dev venv on PATH.
