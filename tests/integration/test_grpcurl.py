@@ -222,3 +222,16 @@ async def test_every_readme_grpcurl_command_works(app: App, tenant: TenantKeys, 
     assert claimed["task"]["id"] == ids["<task id>"] and claimed["lease_token"] == "1"
     assert json.loads(answers["agentstore.v1.TaskService/CompleteTask"])["status"] == "TASK_STATUS_SUCCEEDED"
     assert json.loads(answers["grpc.health.v1.Health/Check"]) == {"status": "SERVING"}
+
+    # The README's error example is what the same CreateAgent prints the second time.
+    create = next(c for c in commands if c.endswith("agentstore.v1.AgentService/CreateAgent"))
+    filled = create.replace(README_ADDRESS, f"127.0.0.1:{app.port}")
+    code, out, err = await run_command("bash", "-c", f"{commands[0]}\n{filled}", env=env, cwd=str(tmp_path))
+    assert code != 0 and not out
+    assert err.strip() == readme_error_example(), err
+
+
+def readme_error_example() -> str:
+    text = README.read_text()
+    start = text.index("```\nERROR:\n") + len("```\n")
+    return text[start : text.index("```", start)].strip()
