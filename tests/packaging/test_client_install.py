@@ -47,7 +47,13 @@ async def test_readme_client_runs_from_a_fresh_client_only_venv(app: App, tenant
     assert code == 0, err
     python = str(venv / "bin" / "python")
     code, out, err = await run_command(
-        python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO / "clients" / "python"),
+        python,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        str(REPO / "clients" / "python"),
         limit=INSTALL_TIMEOUT,
     )
     assert code == 0, f"pip install failed:\n{out}\n{err}"

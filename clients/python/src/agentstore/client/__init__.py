@@ -1,13 +1,13 @@
 """A thin typed layer over the generated stubs in agentstore.v1: channels, errors, paging.
 
-    from agentstore.client import connect, error_details, iter_items
-    from agentstore.v1 import agent_service_pb2, agent_service_pb2_grpc
+from agentstore.client import connect, error_details, iter_items
+from agentstore.v1 import agent_service_pb2, agent_service_pb2_grpc
 
-    with connect("127.0.0.1:50051", api_key) as channel:
-        agents = agent_service_pb2_grpc.AgentServiceStub(channel)
-        request = agent_service_pb2.ListAgentsRequest(filter='capabilities:"python"', page_size=50)
-        for agent in iter_items(agents.ListAgents, request, lambda page: page.agents):
-            print(agent.name)
+with connect("127.0.0.1:50051", api_key) as channel:
+    agents = agent_service_pb2_grpc.AgentServiceStub(channel)
+    request = agent_service_pb2.ListAgentsRequest(filter='capabilities:"python"', page_size=50)
+    for agent in iter_items(agents.ListAgents, request, lambda page: page.agents):
+        print(agent.name)
 """
 
 from agentstore.client._channel import (

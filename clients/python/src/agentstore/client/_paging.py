@@ -31,8 +31,9 @@ T = TypeVar("T")
 class UnaryCall(Protocol[Q_contra, R_co]):
     """A blocking unary stub method, e.g. `AgentServiceStub(channel).ListAgents`."""
 
-    def __call__(self, request: Q_contra, *, timeout: float | None = None, metadata: Metadata | None = None) -> R_co:
-        ...
+    def __call__(
+        self, request: Q_contra, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> R_co: ...
 
 
 class AsyncUnaryCall(Protocol[Q_contra, R_co]):
@@ -40,8 +41,7 @@ class AsyncUnaryCall(Protocol[Q_contra, R_co]):
 
     def __call__(
         self, request: Q_contra, *, timeout: float | None = None, metadata: Metadata | None = None
-    ) -> Awaitable[R_co]:
-        ...
+    ) -> Awaitable[R_co]: ...
 
 
 def _with_token(request: Q, token: str) -> Q:
