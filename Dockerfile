@@ -32,9 +32,11 @@ WORKDIR /src
 # README.md* : the glob keeps the build working before README.md exists (pyproject names it).
 COPY pyproject.toml README.md* ./
 COPY src ./src
+# The server depends on agentstore-client (the stubs), which lives in this repo, not on PyPI yet.
+COPY clients/python ./clients/python
 # pip precompiles .pyc at install time; they are kept, since the runtime user cannot write
 # them (and PYTHONDONTWRITEBYTECODE stops it trying) on a read-only root filesystem.
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ./clients/python .
 
 ############################################################################
 # runtime

@@ -7,6 +7,7 @@ blocking subprocess call would deadlock it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -162,3 +163,75 @@ async def test_task_queue_round_trip_in_json(app: App, tenant: TenantKeys) -> No
         data={"taskId": task_id, "leaseToken": claimed["lease_token"]},
     )
     assert code != 0 and "LEASE_LOST" in out + err
+
+
+# --- every grpcurl command of the README, as printed ------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+README_ADDRESS = "127.0.0.1:50051"
+
+
+def readme_grpcurl_commands() -> list[str]:
+    """The commands of the README's "Try it with grpcurl" block, continuation lines joined."""
+    text = README.read_text()
+    section = text[text.index("## Try it with grpcurl") :]
+    block = section[section.index("```sh\n") + len("```sh\n") : section.index("```\n", section.index("```sh\n") + 6)]
+    commands: list[str] = []
+    pending = ""
+    for line in block.splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            commands.append(pending.strip())
+            pending = ""
+    return commands
+
+
+async def test_every_readme_grpcurl_command_works(app: App, tenant: TenantKeys, tmp_path: Path) -> None:
+    """Run verbatim, in order, from a directory holding .agentstore/demo-api-key like `make run`'s.
+    Only the address (the test server's port) and the `<agent id>`/`<task id>` placeholders, which
+    the README asks the reader to fill in from earlier answers, are substituted."""
+    commands = readme_grpcurl_commands()
+    assert commands[0] == "KEY=$(cat .agentstore/demo-api-key)"
+    (tmp_path / ".agentstore").mkdir()
+    (tmp_path / ".agentstore" / "demo-api-key").write_text(tenant.writer + "\n")
+    env = {"PATH": f"{GRPCURL.parent}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(tmp_path)}
+    ids: dict[str, str] = {}
+    answers: dict[str, str] = {}
+    for command in commands[1:]:
+        assert command.startswith("grpcurl "), command
+        filled = command.replace(README_ADDRESS, f"127.0.0.1:{app.port}")
+        for placeholder, value in ids.items():
+            filled = filled.replace(placeholder, value)
+        assert "<" not in filled.replace("<<", ""), f"unfilled placeholder in {command}"
+        code, out, err = await run_command("bash", "-c", f"{commands[0]}\n{filled}", env=env, cwd=str(tmp_path))
+        assert code == 0, f"{command}\nexit {code}\n{out}\n{err}"
+        method = filled.split()[-1]
+        answers[method] = out
+        if method.endswith("/CreateAgent"):
+            ids["<agent id>"] = json.loads(out)["id"]
+        elif method.endswith("/CreateTask"):
+            ids["<task id>"] = json.loads(out)["id"]
+    assert "agentstore.v1.AgentService" in answers["list"].split()
+    assert "rpc CreateAgent" in answers["agentstore.v1.AgentService"]
+    assert json.loads(answers["agentstore.v1.AgentService/CreateAgent"])["metadata"] == {"region": "eu"}
+    assert [a["name"] for a in json.loads(answers["agentstore.v1.AgentService/ListAgents"])["agents"]] == ["planner-1"]
+    assert json.loads(answers["agentstore.v1.AgentService/UpdateAgent"])["role"] == "lead"
+    claimed = json.loads(answers["agentstore.v1.TaskService/ClaimTask"])
+    assert claimed["task"]["id"] == ids["<task id>"] and claimed["lease_token"] == "1"
+    assert json.loads(answers["agentstore.v1.TaskService/CompleteTask"])["status"] == "TASK_STATUS_SUCCEEDED"
+    assert json.loads(answers["grpc.health.v1.Health/Check"]) == {"status": "SERVING"}
+
+    # The README's error example is what the same CreateAgent prints the second time.
+    create = next(c for c in commands if c.endswith("agentstore.v1.AgentService/CreateAgent"))
+    filled = create.replace(README_ADDRESS, f"127.0.0.1:{app.port}")
+    code, out, err = await run_command("bash", "-c", f"{commands[0]}\n{filled}", env=env, cwd=str(tmp_path))
+    assert code != 0 and not out
+    assert err.strip() == readme_error_example(), err
+
+
+def readme_error_example() -> str:
+    text = README.read_text()
+    start = text.index("```\nERROR:\n") + len("```\n")
+    return text[start : text.index("```", start)].strip()

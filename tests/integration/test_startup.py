@@ -208,12 +208,14 @@ async def test_serve_without_database_url_names_it(servers: Servers, redis_prefi
 # --- a serving process ------------------------------------------------------------------------
 
 
-async def start_serving(processes: list[asyncio.subprocess.Process], env: dict[str, str], tmp_path: Path) -> Served:
+async def start_serving(
+    processes: list[asyncio.subprocess.Process], env: dict[str, str], tmp_path: Path, executable: Path = AGENTSTORE
+) -> Served:
     stderr_path = tmp_path / f"serve-{len(processes)}.stderr"
     with stderr_path.open("wb") as stderr:
         # stderr to a file: a pipe nobody reads could fill up and stall the server.
         proc = await asyncio.create_subprocess_exec(
-            str(AGENTSTORE),
+            str(executable),
             "serve",
             env=env,
             stdin=asyncio.subprocess.DEVNULL,

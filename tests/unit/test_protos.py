@@ -1,7 +1,9 @@
 """The .proto files, the checked-in stubs and the API documentation stay in step.
 
-* Regenerating the stubs the way `make protos` does gives byte-identical files: stale generated
-  code fails here.
+* Regenerating the stubs the way `make protos` does (its pinned protoc, in .venv/protoc) gives
+  byte-identical files: stale generated code fails here, and so does code from another protoc,
+  whose gencode would move the protobuf floor.
+* The .proto copies that the client wheel carries equal protos/.
 * `buf lint` passes.
 * Every rpc documents, in its leading comment, the error statuses it answers.
 """
@@ -19,8 +21,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "protos"
 PROTO_DIR = PROTO_ROOT / "agentstore" / "v1"
-STUB_DIR = REPO / "src" / "agentstore" / "v1"
+STUB_DIR = REPO / "clients" / "python" / "src" / "agentstore" / "v1"
 BIN = Path(sys.executable).parent
+# `make venv` builds protoc's own venv inside the dev venv (Makefile PROTOC_ENV).
+PROTOC_PYTHON = BIN.parent / "protoc" / "bin" / "python"
 
 STATUS_WORDS = (
     "CANCELLED",
@@ -56,9 +60,11 @@ def _generated_name(path: Path) -> bool:
 
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
+    assert PROTOC_PYTHON.exists(), f"no protoc venv at {PROTOC_PYTHON.parent.parent}: run `make venv`"
+    # protoc-gen-mypy and protoc-gen-mypy_grpc come from the dev venv.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     command = [
-        sys.executable,
+        str(PROTOC_PYTHON),
         "-m",
         "grpc_tools.protoc",
         "-I",
@@ -78,11 +84,17 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
     # Four outputs per .proto: _pb2.py, _pb2.pyi, _pb2_grpc.py, _pb2_grpc.pyi.
     assert len(fresh) == 4 * len(_protos())
     assert sorted(checked_in) == sorted(fresh), (
-        "the set of generated files differs from src/agentstore/v1; run `make protos` "
+        f"the set of generated files differs from {STUB_DIR.relative_to(REPO)}; run `make protos` "
         "(and delete stubs of removed .proto files)"
     )
     stale = [name for name in sorted(fresh) if fresh[name].read_bytes() != checked_in[name].read_bytes()]
     assert not stale, f"stale generated code, run `make protos`: {stale}"
+
+
+def test_client_package_carries_the_protos() -> None:
+    copies = {p.name: p.read_bytes() for p in STUB_DIR.glob("*.proto")}
+    sources = {p.name: p.read_bytes() for p in _protos()}
+    assert copies == sources, "the .proto copies beside the stubs differ from protos/; run `make protos`"
 
 
 def test_buf_lint_passes(tmp_path: Path) -> None:

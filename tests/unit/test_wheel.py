@@ -39,7 +39,7 @@ def build_wheel(tmp_path: Path) -> Path:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    [wheel] = dist.glob("agentstore-*.whl")
+    [wheel] = dist.glob("agentstore_server-*.whl")
     return wheel
 
 
@@ -56,9 +56,9 @@ def test_wheel_carries_the_server_only(tmp_path: Path) -> None:
         [metadata_name] = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = zf.read(metadata_name).decode()
 
-    # It is the server: the entry points, the stubs and their .pyi files are there.
+    # It is the server: the entry points are there; the stubs are the client distribution's.
     assert "agentstore/cli.py" in names and "agentstore/server.py" in names
-    assert any(n.startswith("agentstore/v1/") and n.endswith(".pyi") for n in names)
+    assert not [n for n in names if n.startswith("agentstore/v1/")]
     # The harness is not: neither its old place in the package nor bench/. Nor the development
     # tooling (embedded servers, `agentstore dev`).
     assert not [n for n in names if n.startswith(("agentstore/benchmark/", "harness/", "bench/"))]
