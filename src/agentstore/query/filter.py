@@ -58,6 +58,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Final
 
+from agentstore.query.filter_lexer import (
+    KEYWORDS,
+    MAX_FILTER_LENGTH,
+    NUMBER_RE,
+    FilterError,
+    Token,
+    TokenKind,
+    Value,
+    ValueKind,
+    check_raw_text,
+    classify,
+    describe,
+    show,
+    tokenize,
+)
+
 __all__ = [
     "MAX_COMPARISONS",
     "MAX_DEPTH",
@@ -69,10 +85,24 @@ __all__ = [
     "compile_filter",
 ]
 
-MAX_FILTER_LENGTH: Final = 4096
 MAX_COMPARISONS: Final = 64
 MAX_DEPTH: Final = 32
 
+_TEXTUAL: Final = frozenset({ValueKind.STRING, ValueKind.WORD, ValueKind.NUMBER, ValueKind.TRUE, ValueKind.FALSE})
+_STRINGISH: Final = frozenset({ValueKind.STRING, ValueKind.WORD})
+
+_FIELD_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
+_TIMESTAMP_RE: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))?",
+    re.ASCII,
+)
+
+_SQL_OPERATORS: Final = {"=": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+_EQUALITY: Final = frozenset({"=", "!="})
+_ALL_COMPARISONS: Final = frozenset(_SQL_OPERATORS)
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 
@@ -103,20 +133,6 @@ class FieldSpec:
         return "(" + template.format(value=value) + ")"
 
 
-class FilterError(ValueError):
-    """A filter the grammar rejects. ``message`` names the offending ``token``."""
-
-    def __init__(self, message: str, token: str, position: int) -> None:
-        super().__init__(f"{message} at position {position}")
-        self.message = message
-        self.token = token
-        self.position = position
-
-    def __reduce__(self) -> tuple[type[FilterError], tuple[str, str, int]]:
-        # The default pickles only the formatted text, which __init__ cannot take back.
-        return (type(self), (self.message, self.token, self.position))
-
-
 @dataclass(frozen=True)
 class CompiledFilter:
     sql: str
@@ -131,191 +147,11 @@ def compile_filter(text: str, fields: Mapping[str, FieldSpec], first_param: int)
     """
     if first_param < 1:
         raise ValueError(f"first_param must be at least 1, not {first_param}")
-    _check_raw_text(text)
-    tokens = _tokenize(text)
+    check_raw_text(text)
+    tokens = tokenize(text)
     parser = _Parser(tokens, fields, first_param)
     sql = parser.parse()
     return CompiledFilter(sql=sql, params=parser.params)
-
-
-# --- lexing -----------------------------------------------------------------------------
-
-
-class _Kind(enum.Enum):
-    LPAREN = "("
-    RPAREN = ")"
-    STRING = "string"
-    WORD = "word"
-    COMPARATOR = "comparator"
-    EOF = "end of filter"
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    kind: _Kind
-    # Decoded content for STRING; the exact source slice for everything else.
-    text: str
-    source: str
-    pos: int
-
-
-_KEYWORDS: Final = frozenset({"AND", "OR", "NOT"})
-# Characters that end a bare word; everything else (including '.', '-', ',') belongs to it.
-_WORD_STOP: Final = frozenset("()\"'=<>!:\\")
-_ESCAPABLE: Final = frozenset("\\\"'")
-
-
-def _show(token: str) -> str:
-    """Quote a token for an error message, keeping control characters visible."""
-    if len(token) > 40:
-        token = token[:40] + "..."
-    return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in token) + "'"
-
-
-def _describe(tok: _Token) -> str:
-    if tok.kind is _Kind.EOF:
-        return "end of filter"
-    return _show(tok.source)
-
-
-def _check_raw_text(text: str) -> None:
-    if len(text) > MAX_FILTER_LENGTH:
-        excess = text[MAX_FILTER_LENGTH : MAX_FILTER_LENGTH + 20]
-        raise FilterError(
-            f"filter is longer than {MAX_FILTER_LENGTH} characters; excess starts with {_show(excess)}",
-            excess,
-            MAX_FILTER_LENGTH,
-        )
-    nul = text.find("\x00")
-    if nul >= 0:
-        # PostgreSQL text cannot hold NUL, so a value containing one could never match.
-        raise FilterError(f"NUL character {_show(chr(0))} is not allowed", "\x00", nul)
-    for i, c in enumerate(text):
-        # Lone surrogates cannot be encoded as UTF-8 and would fail later inside the driver.
-        if "\ud800" <= c <= "\udfff":
-            raise FilterError(f"invalid character {_show(c)}", c, i)
-
-
-def _tokenize(text: str) -> list[_Token]:
-    tokens: list[_Token] = []
-    n = len(text)
-    i = 0
-    while i < n:
-        c = text[i]
-        if c.isspace():
-            i += 1
-        elif c == "(":
-            tokens.append(_Token(_Kind.LPAREN, c, c, i))
-            i += 1
-        elif c == ")":
-            tokens.append(_Token(_Kind.RPAREN, c, c, i))
-            i += 1
-        elif c in "\"'":
-            tok = _lex_string(text, i)
-            tokens.append(tok)
-            i += len(tok.source)
-        elif c in "<>":
-            op = text[i : i + 2] if text.startswith("=", i + 1) else c
-            tokens.append(_Token(_Kind.COMPARATOR, op, op, i))
-            i += len(op)
-        elif c == "!":
-            if not text.startswith("=", i + 1):
-                raise FilterError(f"unexpected {_show(c)}; did you mean '!='?", c, i)
-            tokens.append(_Token(_Kind.COMPARATOR, "!=", "!=", i))
-            i += 2
-        elif c in "=:":
-            tokens.append(_Token(_Kind.COMPARATOR, c, c, i))
-            i += 1
-        elif c == "\\":
-            raise FilterError(f"unexpected {_show(c)} outside a string", c, i)
-        else:
-            j = i
-            while j < n and not text[j].isspace() and text[j] not in _WORD_STOP:
-                j += 1
-            word = text[i:j]
-            tokens.append(_Token(_Kind.WORD, word, word, i))
-            i = j
-    tokens.append(_Token(_Kind.EOF, "", "", n))
-    return tokens
-
-
-def _lex_string(text: str, start: int) -> _Token:
-    quote = text[start]
-    chars: list[str] = []
-    j = start + 1
-    n = len(text)
-    while True:
-        if j >= n:
-            rest = text[start:]
-            raise FilterError(f"unterminated string {_show(rest)}", rest, start)
-        c = text[j]
-        if c == quote:
-            j += 1
-            break
-        if c == "\\":
-            if j + 1 >= n:
-                rest = text[start:]
-                raise FilterError(f"unterminated string {_show(rest)}", rest, start)
-            escaped = text[j + 1]
-            if escaped not in _ESCAPABLE:
-                seq = text[j : j + 2]
-                raise FilterError(f"invalid escape sequence {_show(seq)}", seq, j)
-            chars.append(escaped)
-            j += 2
-            continue
-        chars.append(c)
-        j += 1
-    return _Token(_Kind.STRING, "".join(chars), text[start:j], start)
-
-
-# --- values -----------------------------------------------------------------------------
-
-
-class _ValueKind(enum.Enum):
-    STRING = "string"  # quoted
-    WORD = "word"  # bare, not a number or literal
-    NUMBER = "number"
-    TRUE = "true"
-    FALSE = "false"
-    NULL = "null"
-
-
-@dataclass(frozen=True, slots=True)
-class _Value:
-    kind: _ValueKind
-    text: str
-    token: _Token
-
-
-_NUMBER_RE: Final = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?", re.ASCII)
-_LITERALS: Final = {"true": _ValueKind.TRUE, "false": _ValueKind.FALSE, "null": _ValueKind.NULL}
-
-
-def _classify(tok: _Token) -> _Value:
-    if tok.kind is _Kind.STRING:
-        return _Value(_ValueKind.STRING, tok.text, tok)
-    if tok.text in _LITERALS:
-        return _Value(_LITERALS[tok.text], tok.text, tok)
-    if _NUMBER_RE.fullmatch(tok.text):
-        return _Value(_ValueKind.NUMBER, tok.text, tok)
-    return _Value(_ValueKind.WORD, tok.text, tok)
-
-
-_TEXTUAL: Final = frozenset({_ValueKind.STRING, _ValueKind.WORD, _ValueKind.NUMBER, _ValueKind.TRUE, _ValueKind.FALSE})
-_STRINGISH: Final = frozenset({_ValueKind.STRING, _ValueKind.WORD})
-
-_FIELD_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
-_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
-_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
-_TIMESTAMP_RE: Final = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
-    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))?",
-    re.ASCII,
-)
-
-_SQL_OPERATORS: Final = {"=": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
-_EQUALITY: Final = frozenset({"=", "!="})
-_ALL_COMPARISONS: Final = frozenset(_SQL_OPERATORS)
 
 
 # --- parsing ----------------------------------------------------------------------------
@@ -330,7 +166,7 @@ def _join(parts: list[str], op: str) -> str:
 class _Parser:
     """Recursive descent over the token list; only parentheses recurse, and only MAX_DEPTH deep."""
 
-    def __init__(self, tokens: list[_Token], fields: Mapping[str, FieldSpec], first_param: int) -> None:
+    def __init__(self, tokens: list[Token], fields: Mapping[str, FieldSpec], first_param: int) -> None:
         self._tokens = tokens
         self._fields = fields
         self._i = 0
@@ -340,18 +176,18 @@ class _Parser:
 
     # token helpers
 
-    def _peek(self) -> _Token:
+    def _peek(self) -> Token:
         return self._tokens[self._i]
 
-    def _advance(self) -> _Token:
+    def _advance(self) -> Token:
         tok = self._tokens[self._i]
-        if tok.kind is not _Kind.EOF:
+        if tok.kind is not TokenKind.EOF:
             self._i += 1
         return tok
 
     @staticmethod
-    def _is_keyword(tok: _Token, keyword: str) -> bool:
-        return tok.kind is _Kind.WORD and tok.text == keyword
+    def _is_keyword(tok: Token, keyword: str) -> bool:
+        return tok.kind is TokenKind.WORD and tok.text == keyword
 
     def _param(self, value: object, cast: str) -> str:
         n = self._next_param
@@ -362,14 +198,14 @@ class _Parser:
     # grammar
 
     def parse(self) -> str:
-        if self._peek().kind is _Kind.EOF:
+        if self._peek().kind is TokenKind.EOF:
             return "TRUE"
         sql = self._expression(0)
         tok = self._peek()
-        if tok.kind is _Kind.RPAREN:
-            raise FilterError(f"unbalanced {_show(tok.source)}", tok.source, tok.pos)
-        if tok.kind is not _Kind.EOF:
-            raise FilterError(f"unexpected {_describe(tok)}", tok.source, tok.pos)
+        if tok.kind is TokenKind.RPAREN:
+            raise FilterError(f"unbalanced {show(tok.source)}", tok.source, tok.pos)
+        if tok.kind is not TokenKind.EOF:
+            raise FilterError(f"unexpected {describe(tok)}", tok.source, tok.pos)
         return sql
 
     def _expression(self, depth: int) -> str:
@@ -384,7 +220,7 @@ class _Parser:
         parts = [self._factor(depth)]
         while True:
             tok = self._peek()
-            if tok.kind in (_Kind.EOF, _Kind.RPAREN) or self._is_keyword(tok, "AND"):
+            if tok.kind in (TokenKind.EOF, TokenKind.RPAREN) or self._is_keyword(tok, "AND"):
                 return parts
             parts.append(self._factor(depth))
 
@@ -401,85 +237,85 @@ class _Parser:
         if self._is_keyword(tok, "NOT"):
             self._advance()
             negate = True
-        elif tok.kind is _Kind.WORD and tok.text.startswith("-"):
+        elif tok.kind is TokenKind.WORD and tok.text.startswith("-"):
             negate = True
             if tok.text == "-":
                 self._advance()
                 following = self._peek()
-                if following.pos != tok.pos + 1 or following.kind is _Kind.EOF:
-                    raise FilterError(f"{_show('-')} must directly precede the term it negates", "-", tok.pos)
+                if following.pos != tok.pos + 1 or following.kind is TokenKind.EOF:
+                    raise FilterError(f"{show('-')} must directly precede the term it negates", "-", tok.pos)
             else:
                 # '-' lexes as part of the word, so split it off in place.
                 rest = tok.text[1:]
-                self._tokens[self._i] = _Token(_Kind.WORD, rest, rest, tok.pos + 1)
+                self._tokens[self._i] = Token(TokenKind.WORD, rest, rest, tok.pos + 1)
         inner = self._simple(depth)
         return f"(NOT {inner})" if negate else inner
 
     def _simple(self, depth: int) -> str:
         tok = self._peek()
-        if tok.kind is _Kind.LPAREN:
+        if tok.kind is TokenKind.LPAREN:
             if depth >= MAX_DEPTH:
                 raise FilterError(
-                    f"parentheses nested deeper than {MAX_DEPTH} at {_show(tok.source)}", tok.source, tok.pos
+                    f"parentheses nested deeper than {MAX_DEPTH} at {show(tok.source)}", tok.source, tok.pos
                 )
             self._advance()
             inner = self._expression(depth + 1)
             close = self._peek()
-            if close.kind is not _Kind.RPAREN:
+            if close.kind is not TokenKind.RPAREN:
                 raise FilterError(
-                    f"expected ')' to close the '(' at position {tok.pos}, found {_describe(close)}",
+                    f"expected ')' to close the '(' at position {tok.pos}, found {describe(close)}",
                     close.source,
                     close.pos,
                 )
             self._advance()
             return inner
-        if tok.kind is _Kind.WORD and tok.text not in _KEYWORDS:
+        if tok.kind is TokenKind.WORD and tok.text not in KEYWORDS:
             return self._restriction()
-        if tok.kind is _Kind.STRING:
-            raise FilterError(f"expected a field name, found {_describe(tok)}", tok.source, tok.pos)
-        raise FilterError(f"expected a term, found {_describe(tok)}", tok.source, tok.pos)
+        if tok.kind is TokenKind.STRING:
+            raise FilterError(f"expected a field name, found {describe(tok)}", tok.source, tok.pos)
+        raise FilterError(f"expected a term, found {describe(tok)}", tok.source, tok.pos)
 
     def _restriction(self) -> str:
         member = self._advance()
         self._comparisons += 1
         if self._comparisons > MAX_COMPARISONS:
             raise FilterError(
-                f"too many comparisons (more than {MAX_COMPARISONS}) at {_show(member.source)}",
+                f"too many comparisons (more than {MAX_COMPARISONS}) at {show(member.source)}",
                 member.source,
                 member.pos,
             )
         name, spec, path = self._resolve(member)
         op = self._peek()
-        if op.kind is not _Kind.COMPARATOR:
+        if op.kind is not TokenKind.COMPARATOR:
             raise FilterError(
-                f"expected a comparison operator after {_show(member.source)}, found {_describe(op)}",
+                f"expected a comparison operator after {show(member.source)}, found {describe(op)}",
                 op.source,
                 op.pos,
             )
         self._advance()
         value_tok = self._peek()
-        if value_tok.kind not in (_Kind.STRING, _Kind.WORD) or value_tok.text in _KEYWORDS:
+        if value_tok.kind not in (TokenKind.STRING, TokenKind.WORD) or value_tok.text in KEYWORDS:
             raise FilterError(
-                f"expected a value after {_show(op.source)}, found {_describe(value_tok)}",
+                f"expected a value after {show(op.source)}, found {describe(value_tok)}",
                 value_tok.source,
                 value_tok.pos,
             )
         self._advance()
-        value = _classify(value_tok)
+        value = classify(value_tok)
         if path and spec.kind is not FieldKind.JSON:
             raise FilterError(
-                f"field {_show(name)} has no subfields, found {_show(member.source)}",
+                f"field {show(name)} has no subfields, found {show(member.source)}",
                 member.source,
                 member.pos,
             )
         compile_kind = _COMPILERS[spec.kind]
         return compile_kind(self, name, spec, path, op, value)
 
-    def _resolve(self, member: _Token) -> tuple[str, FieldSpec, list[str]]:
+    def _resolve(self, member: Token) -> tuple[str, FieldSpec, list[str]]:
         segments = member.text.split(".")
         for seg in segments:
             if not seg:
-                raise FilterError(f"empty segment in field path {_show(member.source)}", member.source, member.pos)
+                raise FilterError(f"empty segment in field path {show(member.source)}", member.source, member.pos)
         # Longest prefix first, so a field registered under a dotted name wins over a JSON path.
         for k in range(len(segments), 0, -1):
             name = ".".join(segments[:k])
@@ -490,57 +326,57 @@ class _Parser:
             offset = member.pos + len(name) + 1
             for seg in path:
                 if not _KEY_RE.fullmatch(seg):
-                    raise FilterError(f"invalid key {_show(seg)} in field path", seg, offset)
+                    raise FilterError(f"invalid key {show(seg)} in field path", seg, offset)
                 offset += len(seg) + 1
             return name, spec, path
         head = segments[0]
         if not _FIELD_NAME_RE.fullmatch(head):
-            raise FilterError(f"expected a field name, found {_show(member.source)}", member.source, member.pos)
-        raise FilterError(f"unknown field {_show(member.source)}", member.source, member.pos)
+            raise FilterError(f"expected a field name, found {show(member.source)}", member.source, member.pos)
+        raise FilterError(f"unknown field {show(member.source)}", member.source, member.pos)
 
     # per-kind compilation
 
-    def _check_operator(self, name: str, op: _Token, allowed: frozenset[str]) -> None:
+    def _check_operator(self, name: str, op: Token, allowed: frozenset[str]) -> None:
         if op.text not in allowed:
-            raise FilterError(f"operator {_show(op.text)} is not supported for field {_show(name)}", op.source, op.pos)
+            raise FilterError(f"operator {show(op.text)} is not supported for field {show(name)}", op.source, op.pos)
 
     @staticmethod
-    def _wrong_value(name: str, expected: str, value: _Value) -> FilterError:
+    def _wrong_value(name: str, expected: str, value: Value) -> FilterError:
         return FilterError(
-            f"expected {expected} for field {_show(name)}, found {_show(value.token.source)}",
+            f"expected {expected} for field {show(name)}, found {show(value.token.source)}",
             value.token.source,
             value.token.pos,
         )
 
-    def _compile_string(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
+    def _compile_string(self, name: str, spec: FieldSpec, path: list[str], op: Token, value: Value) -> str:
         self._check_operator(name, op, _EQUALITY)
         if value.kind not in _TEXTUAL:
             raise self._wrong_value(name, "a string", value)
         return f"({spec.column} {_SQL_OPERATORS[op.text]} {self._param(value.text, 'text')})"
 
-    def _compile_enum(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
+    def _compile_enum(self, name: str, spec: FieldSpec, path: list[str], op: Token, value: Value) -> str:
         self._check_operator(name, op, _EQUALITY)
-        stored = spec.enum_values.get(value.text) if value.kind is not _ValueKind.NULL else None
+        stored = spec.enum_values.get(value.text) if value.kind is not ValueKind.NULL else None
         if stored is None:
             choices = sorted(spec.enum_values)
             listed = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
             raise FilterError(
-                f"invalid value {_show(value.token.source)} for field {_show(name)}; expected one of: {listed}",
+                f"invalid value {show(value.token.source)} for field {show(name)}; expected one of: {listed}",
                 value.token.source,
                 value.token.pos,
             )
         return f"({spec.column} {_SQL_OPERATORS[op.text]} {self._param(stored, 'text')})"
 
-    def _compile_timestamp(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
+    def _compile_timestamp(self, name: str, spec: FieldSpec, path: list[str], op: Token, value: Value) -> str:
         self._check_operator(name, op, _ALL_COMPARISONS)
         if value.kind not in _STRINGISH:
             raise self._wrong_value(name, "an RFC 3339 timestamp string", value)
         when = _parse_timestamp(value, op.text)
         return f"({spec.column} {_SQL_OPERATORS[op.text]} {self._param(when, 'timestamptz')})"
 
-    def _compile_integer(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
+    def _compile_integer(self, name: str, spec: FieldSpec, path: list[str], op: Token, value: Value) -> str:
         self._check_operator(name, op, _ALL_COMPARISONS)
-        m = _NUMBER_RE.fullmatch(value.text) if value.kind is _ValueKind.NUMBER else None
+        m = NUMBER_RE.fullmatch(value.text) if value.kind is ValueKind.NUMBER else None
         if m is None or m.group(3) is not None:
             raise self._wrong_value(name, "an integer", value)
         digits = m.group(2).lstrip("0")
@@ -548,25 +384,25 @@ class _Parser:
         number = int(m.group(1) + (digits or "0")) if len(digits) <= 19 else None
         if number is None or not _INT64_MIN <= number <= _INT64_MAX:
             raise FilterError(
-                f"integer {_show(value.token.source)} is out of the 64-bit range",
+                f"integer {show(value.token.source)} is out of the 64-bit range",
                 value.token.source,
                 value.token.pos,
             )
         return f"({spec.column} {_SQL_OPERATORS[op.text]} {self._param(number, 'bigint')})"
 
-    def _compile_uuid(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
+    def _compile_uuid(self, name: str, spec: FieldSpec, path: list[str], op: Token, value: Value) -> str:
         self._check_operator(name, op, _EQUALITY)
         if value.kind not in _STRINGISH or not _UUID_RE.fullmatch(value.text):
             raise self._wrong_value(name, "a UUID", value)
         return f"({spec.column} {_SQL_OPERATORS[op.text]} {self._param(uuid.UUID(value.text), 'uuid')})"
 
-    def _compile_string_array(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
+    def _compile_string_array(self, name: str, spec: FieldSpec, path: list[str], op: Token, value: Value) -> str:
         self._check_operator(name, op, frozenset({":"}))
         if value.kind not in _TEXTUAL:
             raise self._wrong_value(name, "a string", value)
         return spec.contains(f"ARRAY[{self._param(value.text, 'text')}]")
 
-    def _compile_json(self, name: str, spec: FieldSpec, path: list[str], op: _Token, value: _Value) -> str:
+    def _compile_json(self, name: str, spec: FieldSpec, path: list[str], op: Token, value: Value) -> str:
         if op.text == ":":
             keys = path + self._json_keys(value)
             if len(keys) == 1:
@@ -575,7 +411,7 @@ class _Parser:
         self._check_operator(name, op, _EQUALITY)
         if not path:
             raise FilterError(
-                f"field {_show(name)} needs a key to compare, e.g. '{name}.key = value'", op.source, op.pos
+                f"field {show(name)} needs a key to compare, e.g. '{name}.key = value'", op.source, op.pos
             )
         document = _json_literal(value)
         for key in reversed(path):
@@ -583,20 +419,20 @@ class _Parser:
         contains = spec.contains(self._param(document, "jsonb"))
         return contains if op.text == "=" else f"(NOT {contains})"
 
-    def _json_keys(self, value: _Value) -> list[str]:
-        if value.kind is _ValueKind.STRING:
+    def _json_keys(self, value: Value) -> list[str]:
+        if value.kind is ValueKind.STRING:
             # A quoted key is taken whole, so keys containing dots stay reachable.
             return [value.text]
         keys = value.text.split(".")
         offset = value.token.pos
         for key in keys:
             if not _KEY_RE.fullmatch(key):
-                raise FilterError(f"invalid key {_show(key)}", key, offset)
+                raise FilterError(f"invalid key {show(key)}", key, offset)
             offset += len(key) + 1
         return keys
 
 
-_Compiler = Callable[[_Parser, str, FieldSpec, list[str], _Token, _Value], str]
+_Compiler = Callable[[_Parser, str, FieldSpec, list[str], Token, Value], str]
 
 _COMPILERS: Final[Mapping[FieldKind, _Compiler]] = {
     FieldKind.STRING: _Parser._compile_string,
@@ -609,28 +445,28 @@ _COMPILERS: Final[Mapping[FieldKind, _Compiler]] = {
 }
 
 
-def _json_literal(value: _Value) -> str:
-    if value.kind is _ValueKind.NUMBER:
-        m = _NUMBER_RE.fullmatch(value.text)
+def _json_literal(value: Value) -> str:
+    if value.kind is ValueKind.NUMBER:
+        m = NUMBER_RE.fullmatch(value.text)
         assert m is not None
         sign, whole, frac = m.groups()
         # JSON forbids leading zeros; the digits are kept as text so no precision is lost.
         text = sign + (whole.lstrip("0") or "0")
         return text + "." + frac if frac is not None else text
-    if value.kind in (_ValueKind.TRUE, _ValueKind.FALSE, _ValueKind.NULL):
+    if value.kind in (ValueKind.TRUE, ValueKind.FALSE, ValueKind.NULL):
         return value.text
     return json.dumps(value.text, ensure_ascii=False)
 
 
-def _parse_timestamp(value: _Value, op: str) -> datetime:
+def _parse_timestamp(value: Value, op: str) -> datetime:
     tok = value.token
     m = _TIMESTAMP_RE.fullmatch(value.text)
     if m is None:
-        raise FilterError(f"invalid RFC 3339 timestamp {_show(tok.source)}", tok.source, tok.pos)
+        raise FilterError(f"invalid RFC 3339 timestamp {show(tok.source)}", tok.source, tok.pos)
     year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = m.groups()
     if zulu is None and sign is None:
         raise FilterError(
-            f"timestamp {_show(tok.source)} needs a time zone offset such as 'Z' or '+02:00'",
+            f"timestamp {show(tok.source)} needs a time zone offset such as 'Z' or '+02:00'",
             tok.source,
             tok.pos,
         )
@@ -638,8 +474,8 @@ def _parse_timestamp(value: _Value, op: str) -> datetime:
     sub_micro = frac[6:].strip("0") != ""
     if sub_micro and op in _EQUALITY:
         raise FilterError(
-            f"timestamp {_show(tok.source)} is more precise than the microseconds PostgreSQL stores, "
-            f"so {_show(op)} could never be exact",
+            f"timestamp {show(tok.source)} is more precise than the microseconds PostgreSQL stores, "
+            f"so {show(op)} could never be exact",
             tok.source,
             tok.pos,
         )
@@ -668,4 +504,4 @@ def _parse_timestamp(value: _Value, op: str) -> datetime:
         # Normalizing here surfaces out-of-range instants now rather than inside the driver.
         return when.astimezone(UTC)
     except (ValueError, OverflowError):
-        raise FilterError(f"invalid RFC 3339 timestamp {_show(tok.source)}", tok.source, tok.pos) from None
+        raise FilterError(f"invalid RFC 3339 timestamp {show(tok.source)}", tok.source, tok.pos) from None
