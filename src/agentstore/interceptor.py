@@ -22,9 +22,9 @@ from agentstore import metrics
 from agentstore.auth import Authenticator, check_role, required_role
 from agentstore.context import Principal, RequestContext, set_current_request
 from agentstore.errors import ApiError, internal, invalid_argument
+from agentstore.logs import AccessLog
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("agentstore.access")
 
 _MAX_REQUEST_ID = 128
 # Read once: an Enum member lookup through the class costs ~0.1 µs each time.
@@ -103,21 +103,18 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ApiError, rid: str) -> 
 
 
 def _log_access(
-    method: str, code: grpc.StatusCode, reason: str, elapsed: float, ctx: RequestContext, peer: str
+    access: AccessLog, method: str, code: grpc.StatusCode, reason: str, elapsed: float, ctx: RequestContext, peer: str
 ) -> None:
     principal: Principal | None = ctx.principal
-    access_log.info(
-        "rpc",
-        extra={
-            "method": method,
-            "code": code.name,
-            "reason": reason,
-            "duration_ms": round(elapsed * 1000, 3),
-            "request_id": ctx.request_id,
-            "tenant_id": str(principal.tenant_id) if principal and not principal.platform_admin else None,
-            "key_id": str(principal.key_id) if principal and principal.key_id else None,
-            "peer": peer,
-        },
+    access.line(
+        method,
+        code.name,
+        reason,
+        round(elapsed * 1000, 3),
+        ctx.request_id,
+        str(principal.tenant_id) if principal and not principal.platform_admin else None,
+        str(principal.key_id) if principal and principal.key_id else None,
+        peer,
     )
 
 
@@ -126,7 +123,7 @@ class ApiInterceptor:
         self,
         authenticator: Authenticator,
         *,
-        access_log: bool,
+        access_log: AccessLog | None,
         platform_services: frozenset[str],
         max_request_bytes: int,
         large_requests: frozenset[str] = frozenset(),
@@ -226,8 +223,8 @@ class ApiInterceptor:
                 elapsed = time.perf_counter() - start
                 timing.observe(elapsed)
                 (succeeded if code is _OK else metrics.RPC_TOTAL.labels(method, code.name)).inc()
-                if access:
-                    _log_access(method, code, reason, elapsed, ctx, context.peer())
+                if access is not None:
+                    _log_access(access, method, code, reason, elapsed, ctx, context.peer())
 
         return handle
 

@@ -27,6 +27,7 @@ from agentstore.errors import StartupError
 from agentstore.health import DependencyHealth
 from agentstore.interceptor import ApiInterceptor, register_unwrapped
 from agentstore.jobs import cancel_and_wait, run_periodically
+from agentstore.logs import AccessLog
 from agentstore.redis.bus import ProcessBus
 from agentstore.redis.circuit import RedisCircuit
 from agentstore.resources import achievements, agents, audit, sessions, tasks, tenants
@@ -106,9 +107,12 @@ async def start_server(
                 ("grpc.so_reuseport", 0),
             ],
         )
+        access = AccessLog() if settings.access_log else None
+        if access is not None:
+            stack.callback(access.flush)
         interceptor = ApiInterceptor(
             authenticator,
-            access_log=settings.access_log,
+            access_log=access,
             platform_services=frozenset(r.service for r in resources if r.platform),
             max_request_bytes=settings.max_request_bytes,
             large_requests=frozenset(name for r in resources for name in r.large_requests),
