@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 import redis
@@ -503,12 +504,31 @@ async def test_l2_keys_carry_prefix_and_tenant(agents_stub, servers: Servers, re
     assert keys == [f"{redis_prefix}c:agent:{tenant.tenant.id}:{created.id}"]
 
 
-async def test_concurrent_uncached_gets_of_one_tenant_are_coalesced(agents_stub, tenant) -> None:
+async def test_concurrent_uncached_gets_of_one_tenant_are_coalesced(
+    agents_stub, tenant, database: ScratchDatabase
+) -> None:
     agents = [await create_agent(agents_stub, tenant.md()) for _ in range(40)]
+    await get(agents_stub, tenant.md(), agents[0].id)  # the principal is cached
     loads = counter("agentstore_db_loads_total", kind="agent")
-    results = await asyncio.gather(*(get(agents_stub, tenant.md() + NO_CACHE, a.id) for a in agents))
-    assert results == agents
-    # Forty point reads arrive within a few event-loop turns and share far fewer queries.
+    # The first reads are held (a SELECT waits for ACCESS EXCLUSIVE), so that all forty are in
+    # flight together however slowly they arrive: the rest gather into the next batches.
+    owner = await asyncpg.connect(database.owner_url)
+    try:
+        async with owner.transaction():
+            await owner.execute("LOCK TABLE agents IN ACCESS EXCLUSIVE MODE")
+            reads = asyncio.gather(*(get(agents_stub, tenant.md() + NO_CACHE, a.id) for a in agents))
+            for _ in range(200):
+                waiting = await owner.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE relation = 'agents'::regclass AND NOT granted"
+                )
+                if waiting >= 2:  # both in-flight batches are held; the rest are queued behind them
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+    finally:
+        await owner.close()
+    assert await reads == agents
+    # Forty point reads share far fewer queries.
     assert counter("agentstore_db_loads_total", kind="agent") - loads < len(agents)
 
 
